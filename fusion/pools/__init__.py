@@ -1,0 +1,1 @@
+"""Model pools: a frozen pretrained encoder, its experts' weights and the frozen zero-shot heads."""

@@ -1,0 +1,122 @@
+"""The model pool: the frozen pretrained encoder θ0, the experts θ_k and the zero-shot heads.
+
+A pool on disk (written by :func:`save_pool`, read by :func:`load_pool`)::
+
+    <dir>/pretrained/       open_clip local-dir model (config + safetensors), the whole CLIP
+    <dir>/experts/<task>.safetensors   the fine-tuned image encoder of each task (keys of ``model.visual``)
+    <dir>/heads.safetensors            {task: Tensor[C_t, D]}, metadata ``logit_scale``
+    <dir>/manifest.json                recipe, seed, accuracies, hashes, task-vector statistics
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusion.merge.task_vectors import StateDict, TaskVectors, stack_task_vectors, validate_compatible
+from fusion.pools.heads import ZeroShotHeads
+from fusion.pools.openclip import copy_with_state, freeze, load_clip_dir, save_clip_dir
+from fusion.utils import atomic_save_safetensors, atomic_write_json, sha256_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelPool:
+    """A frozen image encoder, one fine-tuned state dict per task, and frozen zero-shot heads.
+
+    ``encoder(images) -> features``; ``heads(features, task) -> logits``. Experts are validated against
+    the encoder's keys, shapes and dtypes when the pool is built.
+    """
+
+    name: str
+    encoder: nn.Module
+    experts: dict[str, StateDict]
+    heads: ZeroShotHeads
+    manifest: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # task -> where its expert came from
+
+    def __post_init__(self) -> None:
+        freeze(self.encoder)
+        reference = self.pretrained_state()
+        for task, state in self.experts.items():
+            validate_compatible(reference, state, name=f"expert '{task}'", source=self.sources.get(task, "<memory>"))
+        missing = [t for t in self.experts if t not in self.heads.tasks]
+        if missing:
+            raise ValueError(f"pool '{self.name}': experts {missing} have no zero-shot head; heads: {self.heads.tasks}")
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.experts)
+
+    def select(self, tasks: Sequence[str] | None) -> "ModelPool":
+        """The same pool restricted to ``tasks`` (in that order); ``None`` keeps all."""
+        if tasks is None:
+            return self
+        unknown = [t for t in tasks if t not in self.experts]
+        if unknown:
+            raise KeyError(f"pool '{self.name}' has no experts for {unknown}; it has {self.tasks}")
+        return ModelPool(self.name, self.encoder, {t: self.experts[t] for t in tasks}, self.heads,
+                         self.manifest, {t: self.sources.get(t, "<memory>") for t in tasks})
+
+    def pretrained_state(self) -> StateDict:
+        return {k: v.detach() for k, v in self.encoder.state_dict().items()}
+
+    def task_vectors(self, dtype: torch.dtype | None = None) -> TaskVectors:
+        """Stacked ``{name: Tensor[K, *shape]}`` in the order of :attr:`tasks`."""
+        return stack_task_vectors(self.pretrained_state(), [self.experts[t] for t in self.tasks], dtype=dtype)
+
+    def expert_encoder(self, task: str) -> nn.Module:
+        """A frozen copy of the encoder holding ``task``'s expert weights."""
+        return freeze(copy_with_state(self.encoder, self.experts[task]))
+
+    @property
+    def pool_hash(self) -> str:
+        return self.manifest.get("pool_hash") or sha256_json(self.manifest)[:16]
+
+
+def save_pool(directory: str | Path, clip: nn.Module, model_cfg: dict[str, Any], experts: dict[str, StateDict],
+              heads: ZeroShotHeads, manifest: dict[str, Any]) -> Path:
+    """Write a pool: the whole CLIP (open_clip local-dir), each expert encoder, the heads, the manifest last."""
+    directory = Path(directory)
+    save_clip_dir(clip, directory / "pretrained", model_cfg,
+                  {"size": model_cfg["vision_cfg"]["image_size"], "mean": [0.5] * 3, "std": [0.5] * 3})
+    for task, state in experts.items():
+        atomic_save_safetensors(directory / "experts" / f"{task}.safetensors", state, {"task": task})
+    atomic_save_safetensors(directory / "heads.safetensors", heads.state(),
+                            {"logit_scale": repr(heads.logit_scale)})
+    atomic_write_json(directory / "manifest.json", manifest)
+    return directory
+
+
+def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[str] | None = None) -> ModelPool:
+    """Read a pool written by :func:`save_pool` (safetensors only: nothing is unpickled)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} is missing: {directory} is not a complete fusion model pool "
+                                "(a build may have been interrupted; rebuild it)")
+    manifest = json.loads(manifest_path.read_text())
+    clip = load_clip_dir(directory / "pretrained")
+    heads_path = directory / "heads.safetensors"
+    with safe_open(str(heads_path), "pt") as f:
+        logit_scale = float(f.metadata()["logit_scale"])
+    heads = ZeroShotHeads(load_file(str(heads_path)), logit_scale)
+    order = list(tasks) if tasks is not None else manifest.get("tasks") or heads.tasks
+    experts, sources = {}, {}
+    for task in order:
+        path = directory / "experts" / f"{task}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"expert for task '{task}' not found at {path}; available: "
+                                    f"{sorted(p.stem for p in (directory / 'experts').glob('*.safetensors'))}")
+        experts[task], sources[task] = load_file(str(path)), str(path)
+    return ModelPool(name or manifest.get("name", directory.name), clip.visual, experts, heads, manifest, sources)
