@@ -42,9 +42,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def to_plain(obj: Any) -> Any:
+    """JSON-ready copy of ``obj``: OmegaConf containers, tensors, paths and tuples become plain types."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    return repr(obj)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Atomically write ``obj`` as indented JSON (see :func:`to_plain` for non-JSON types)."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, default=to_plain) + "\n").encode())
 
 
 def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor],

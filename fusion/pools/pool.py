@@ -41,6 +41,7 @@ class ModelPool:
     heads: ZeroShotHeads
     manifest: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # task -> where its expert came from
+    clip_dir: str | None = None  # an open_clip local-dir of the whole pretrained CLIP, for exporting merges
 
     def __post_init__(self) -> None:
         freeze(self.encoder)
@@ -63,7 +64,7 @@ class ModelPool:
         if unknown:
             raise KeyError(f"pool '{self.name}' has no experts for {unknown}; it has {self.tasks}")
         return ModelPool(self.name, self.encoder, {t: self.experts[t] for t in tasks}, self.heads,
-                         self.manifest, {t: self.sources.get(t, "<memory>") for t in tasks})
+                         self.manifest, {t: self.sources.get(t, "<memory>") for t in tasks}, self.clip_dir)
 
     def pretrained_state(self) -> StateDict:
         return {k: v.detach() for k, v in self.encoder.state_dict().items()}
@@ -119,4 +120,5 @@ def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[st
             raise FileNotFoundError(f"expert for task '{task}' not found at {path}; available: "
                                     f"{sorted(p.stem for p in (directory / 'experts').glob('*.safetensors'))}")
         experts[task], sources[task] = load_file(str(path)), str(path)
-    return ModelPool(name or manifest.get("name", directory.name), clip.visual, experts, heads, manifest, sources)
+    return ModelPool(name or manifest.get("name", directory.name), clip.visual, experts, heads, manifest, sources,
+                     str(directory / "pretrained"))

@@ -1,0 +1,1 @@
+"""Merge methods as Hydra targets: each has ``run(pool, taskpool, ctx) -> MergeOutcome``."""

@@ -1,0 +1,105 @@
+"""Learned merges: a parametrization over frozen task vectors, trained by the one loop (MergeTraining).
+
+AdaMerging (task-wise / layer-wise) is ``parametrization = fusion.param.coefficients.{task_wise,layer_wise}``;
+AdaMerging++ is the same with ``preprocess = fusion.merge.ties.ties_disjoint`` (selected by config). The
+objective is entropy on the unlabeled test split (the paper's transductive protocol) or cross-entropy on a
+labeled split.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from fusion.merge.task_vectors import num_tasks
+from fusion.methods.base import MergeOutcome, RunContext
+from fusion.param.merged import MergedEncoder
+from fusion.report import coefficient_heatmap
+from fusion.train.module import MergeTraining, NonFiniteLossError
+from fusion.train.objectives import needs_labels, objective_name
+from fusion.utils import atomic_save_safetensors, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def protocol(objective: Callable, split: str, labeled: bool) -> str:
+    """A readable statement of what data the method trained on."""
+    if labeled:
+        return f"{objective_name(objective)} on the labeled {split} split"
+    transductive = " (test-time adaptation: transductive, adapts on the evaluation split)" if split == "test" else ""
+    return f"{objective_name(objective)} minimisation on unlabeled {split} images{transductive}"
+
+
+class LearnedMerge:
+    """Train ``parametrization(num_tasks, num_tensors, init)`` over (optionally preprocessed) task vectors.
+
+    Args:
+        parametrization: ``(num_tasks, num_tensors, init) -> nn.Module`` weighting (Hydra ``_partial_``).
+        objective: ``(logits, labels | None) -> loss``.
+        optimizer, scheduler: Hydra partials over parameters / optimizer.
+        data: ``(taskpool, tasks, seed) -> MultiTaskDataModule`` partial (split, batch_size, labeled).
+        steps: optimizer steps.
+        init: a float, one float per task, or a StaticMerge whose (tuned) ``lam`` is the initial value.
+        preprocess: optional ``τ -> τ'`` (e.g. TIES trim + elect + disjoint for AdaMerging++).
+    """
+
+    def __init__(self, name: str, parametrization: Callable, objective: Callable, optimizer: Callable,
+                 data: Callable, steps: int, init: Any = 0.3, preprocess: Callable | None = None,
+                 scheduler: Callable | None = None, tv_dtype: str | None = None):
+        if steps < 1:
+            raise ValueError(f"method.steps must be ≥ 1, got {steps}")
+        self.name, self.parametrization, self.objective = name, parametrization, objective
+        self.optimizer, self.scheduler, self.data, self.steps = optimizer, scheduler, data, int(steps)
+        self.init, self.preprocess = init, preprocess
+        self.tv_dtype = getattr(torch, tv_dtype) if tv_dtype else None
+
+    def initial_value(self, pool, taskpool, ctx: RunContext) -> tuple[Any, dict | None]:
+        if hasattr(self.init, "initial_coefficient"):
+            return self.init.initial_coefficient(pool, taskpool, ctx)
+        return self.init, None
+
+    def build_model(self, pool, init: Any) -> MergedEncoder:
+        tv = pool.task_vectors(dtype=self.tv_dtype)
+        if self.preprocess is not None:
+            tv = self.preprocess(tv)
+        weighting = self.parametrization(num_tasks=num_tasks(tv), num_tensors=len(tv), init=init)
+        return MergedEncoder(pool.encoder, tv, weighting)
+
+    def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        init, init_tuning = self.initial_value(pool, taskpool, ctx)
+        model = self.build_model(pool, init)
+        datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed)
+        if needs_labels(self.objective) and not datamodule.labeled:
+            raise ValueError(f"objective '{objective_name(self.objective)}' needs labels but method.data.labeled is "
+                             "false; set method.data.labeled=true and method.data.split=val")
+        module = MergeTraining(model, pool.heads, self.objective, self.optimizer, self.scheduler)
+        trainer = ctx.trainer(max_steps=self.steps, default_root_dir=str(ctx.output_dir), logger=ctx.loggers or False)
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        except NonFiniteLossError:
+            self.save_outputs(model, pool.tasks, ctx, suffix=".last_good")
+            raise
+        self.save_outputs(model, pool.tasks, ctx)
+        info = {"init": init if not isinstance(init, torch.Tensor) else init.tolist(), "init_tuning": init_tuning,
+                "steps": self.steps, "trainable_parameters": sum(p.numel() for p in model.weighting.parameters()),
+                **model.stats()}
+        return MergeOutcome(model.merge_and_unload(), info,
+                            protocol(self.objective, datamodule.split, datamodule.labeled))
+
+    @rank_zero_only
+    def save_outputs(self, model: MergedEncoder, tasks: Sequence[str], ctx: RunContext, suffix: str = "") -> None:
+        """Learned parameters (safetensors + JSON) and, for coefficients, a tasks × tensors heatmap."""
+        out = ctx.output_dir
+        state = {k: v.detach().float() for k, v in model.weighting.state_dict().items()}
+        meta = {"tasks": json.dumps(list(tasks)), "tensor_names": json.dumps(model.names)}
+        atomic_save_safetensors(out / f"merge_parameters{suffix}.safetensors", state, meta)
+        if "lambdas" in state:
+            values = model.weighting.values().detach()
+            atomic_write_json(out / f"coefficients{suffix}.json",
+                              {"tasks": list(tasks), "tensor_names": model.names, "lambdas": values.tolist()})
+            if not suffix:
+                coefficient_heatmap(values, tasks, out / "coefficients.png", title=f"{self.name}: learned λ")

@@ -1,0 +1,78 @@
+"""Static (data-free) merges: ``θ = θ_0 + fn(τ; hyperparameters)``, optionally tuned on the validation split.
+
+``fn`` is a pure function from :mod:`fusion.merge` given by Hydra with ``_partial_: true``. With ``tune`` set,
+every combination of the grid is scored by mean accuracy on the labeled *validation* split (never on test),
+and the best is used; results.json records the grid, the scores and that they came from validation.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fusion.evaluate import evaluate
+from fusion.merge.task_vectors import StateDict, add_delta
+from fusion.methods.base import MergeOutcome, RunContext
+from fusion.pools.openclip import copy_with_state, freeze
+
+log = logging.getLogger(__name__)
+
+
+def merged_encoder(pool, delta: Mapping[str, Any]):
+    """A frozen copy of the pool's encoder holding ``θ_0 + delta``."""
+    return freeze(copy_with_state(pool.encoder, add_delta(pool.pretrained_state(), delta)))
+
+
+def grid(space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a ``{name: values}`` grid, in order."""
+    names = list(space)
+    return [dict(zip(names, values)) for values in itertools.product(*(space[n] for n in names))]
+
+
+class StaticMerge:
+    """A data-free merge ``fn(τ, **hyperparameters)``; ``tune`` = ``{name: [values]}`` grid on ``tune_split``."""
+
+    def __init__(self, fn: Callable[..., StateDict], name: str | None = None,
+                 tune: Mapping[str, Sequence[Any]] | None = None, tune_split: str = "val"):
+        if tune_split == "test":
+            raise ValueError("tune_split='test' would tune on test labels; use the validation split ('val')")
+        self.fn, self.tune_split = fn, tune_split
+        self.tune = {k: list(v) for k, v in (tune or {}).items()}
+        self.name = name or getattr(getattr(fn, "func", fn), "__name__", "static")
+
+    def defaults(self) -> dict[str, Any]:
+        return dict(getattr(self.fn, "keywords", {}) or {})
+
+    def select(self, pool, taskpool, tv, ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The hyperparameters to use and the tuning record (None when not tuned)."""
+        if not self.tune:
+            return self.defaults(), None
+        unknown = [k for k in self.tune if k not in self.defaults()]
+        if unknown:
+            raise KeyError(f"method '{self.name}': tune keys {unknown} are not arguments set on fn "
+                           f"({sorted(self.defaults())}); add them to fn or fix tune")
+        scores = []
+        for candidate in grid(self.tune):
+            acc = evaluate(merged_encoder(pool, self.fn(tv, **candidate)), pool.heads, taskpool,
+                           split=self.tune_split, batch_size=ctx.eval_batch_size)
+            scores.append({**candidate, "mean_accuracy": sum(acc.values()) / len(acc)})
+            log.info("%s %s: %s mean accuracy %.4f", self.name, candidate, self.tune_split, scores[-1]["mean_accuracy"])
+        best = max(scores, key=lambda s: s["mean_accuracy"])
+        chosen = {**self.defaults(), **{k: best[k] for k in self.tune}}
+        return chosen, {"on": self.tune_split, "grid": self.tune, "scores": scores, "best": best}
+
+    def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        tv = pool.task_vectors()
+        hparams, tuning = self.select(pool, taskpool, tv, ctx)
+        encoder = merged_encoder(pool, self.fn(tv, **hparams))
+        return MergeOutcome(encoder, {"hyperparameters": hparams, "tuning": tuning},
+                            protocol="static merge" + (f"; hyperparameters tuned on the labeled {self.tune_split} split"
+                                                       if tuning else "; default hyperparameters, no data"))
+
+    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[float, dict[str, Any] | None]:
+        """The (tuned) ``lam`` of this merge, used to initialise learned coefficients."""
+        hparams, tuning = self.select(pool, taskpool, pool.task_vectors(), ctx)
+        if "lam" not in hparams:
+            raise KeyError(f"method '{self.name}' has no 'lam' hyperparameter to initialise coefficients from")
+        return float(hparams["lam"]), tuning

@@ -1,0 +1,66 @@
+"""AdaMerging's merge coefficients (Yang et al., ICLR 2024, Eq. 4 task-wise and Eq. 6 layer-wise).
+
+Task-wise: ``δ = Σ_k λ_k τ_k`` (K scalars). Layer-wise: ``δ^l = Σ_k λ_k^l τ_k^l`` with one coefficient per task
+and parameter tensor (weights and biases count apart). Both call :func:`fusion.merge.combine.combine`, the same
+function task arithmetic uses. ``clamp=(0, 1)`` clamps λ each time it is used (the official code); FusionBench
+does not clamp (``clamp=None``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusion.merge.combine import combine
+
+
+def initial_values(init: float | Sequence[float], num_tasks: int) -> Tensor:
+    """``Tensor[K]`` from a scalar (every task) or one value per task."""
+    values = torch.as_tensor(init, dtype=torch.float32).flatten()
+    if values.numel() == 1:
+        return values.expand(num_tasks).clone()
+    if values.numel() != num_tasks:
+        raise ValueError(f"init must be a scalar or one value per task (K={num_tasks}), got {values.numel()} values")
+    return values.clone()
+
+
+class Coefficients(nn.Module):
+    """Learnable ``λ`` of shape ``[K]`` (task-wise) or ``[K, L]`` (layer-wise); ``forward(τ) = Σ λ τ``."""
+
+    def __init__(self, num_tasks: int, num_tensors: int | None = None, init: float | Sequence[float] = 0.3,
+                 clamp: tuple[float, float] | None = None):
+        super().__init__()
+        values = initial_values(init, num_tasks)
+        if num_tensors is not None:
+            values = values[:, None].repeat(1, num_tensors)
+        self.lambdas = nn.Parameter(values)
+        if clamp is not None and not clamp[0] < clamp[1]:
+            raise ValueError(f"clamp must be (low, high) with low < high, got {clamp}")
+        self.clamp = tuple(clamp) if clamp is not None else None
+
+    def values(self) -> Tensor:
+        """λ as used in the merge (clamped when configured)."""
+        return self.lambdas.clamp(*self.clamp) if self.clamp else self.lambdas
+
+    def forward(self, task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if self.lambdas.dim() == 2 and self.lambdas.shape[1] != len(task_vectors):
+            raise ValueError(f"layer-wise λ has {self.lambdas.shape[1]} columns but there are "
+                             f"{len(task_vectors)} task-vector tensors")
+        return combine(task_vectors, self.values())
+
+    def stats(self) -> dict[str, float]:
+        v = self.values().detach()
+        return {"lambda_mean": float(v.mean()), "lambda_min": float(v.min()), "lambda_max": float(v.max())}
+
+
+def task_wise(num_tasks: int, num_tensors: int, init: float | Sequence[float] = 0.3,
+              clamp: tuple[float, float] | None = None) -> Coefficients:
+    """Task-wise AdaMerging: K coefficients shared by every tensor."""
+    return Coefficients(num_tasks, None, init, clamp)
+
+
+def layer_wise(num_tasks: int, num_tensors: int, init: float | Sequence[float] = 0.3,
+               clamp: tuple[float, float] | None = None) -> Coefficients:
+    """Layer-wise AdaMerging: K × L coefficients (L = number of parameter tensors)."""
+    return Coefficients(num_tasks, num_tensors, init, clamp)

@@ -1,0 +1,1 @@
+"""The one training loop (a LightningModule), its objectives and the multi-task DataModule."""

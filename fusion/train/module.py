@@ -1,0 +1,106 @@
+"""The one LightningModule that trains any merge parametrization with any objective.
+
+Each optimizer step:
+
+1. ``state = model.prepare()`` builds the merged parameters once (differentiable in the trainable φ);
+2. the state is *detached* into leaf tensors; for each task, a forward with those leaves and a backward
+   accumulate ``∂L/∂θ`` (and router gradients) — only one task's activations are alive at a time;
+3. one backward of ``Σ ⟨state, ∂L/∂θ⟩`` carries the accumulated gradient through the merge into φ
+   (for coefficients: ``∂L/∂λ_k^l = ⟨∂L/∂θ^l, τ_k^l⟩``);
+4. the optimizer steps.
+
+The sum of per-task losses therefore has the same gradient as one backward of the summed loss (tested), at
+the memory of one task.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from fusion.train.objectives import objective_name
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss or gradient became NaN/inf; the last good parameters are kept."""
+
+
+def backward_through_state(state: Mapping[str, Tensor], leaves: Mapping[str, Tensor], backward: Callable) -> None:
+    """Propagate the gradients accumulated on ``leaves`` back through ``state`` (one backward)."""
+    pairs = [(state[k], leaves[k].grad) for k in state if leaves[k].grad is not None and state[k].requires_grad]
+    if pairs:
+        backward(sum((s * g).sum() for s, g in pairs))
+
+
+class MergeTraining(pl.LightningModule):
+    """Trains ``model`` (a merged encoder) through frozen ``heads`` with ``objective`` on multi-task batches.
+
+    Args:
+        model: a merged encoder with ``prepare() -> state`` and ``forward(images, state)``.
+        heads: frozen ``(features, task) -> logits``.
+        objective: ``(logits, labels | None) -> scalar``.
+        optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
+        scheduler: optional ``optimizer -> LRScheduler`` stepped every optimizer step.
+    """
+
+    def __init__(self, model: nn.Module, heads: nn.Module, objective: Callable, optimizer: Callable,
+                 scheduler: Callable | None = None):
+        super().__init__()
+        self.model, self.heads = model, heads
+        self.objective, self.optimizer_factory, self.scheduler_factory = objective, optimizer, scheduler
+        self.loss_name = objective_name(objective)
+        self.automatic_optimization = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("the merge parametrization has no trainable parameters")
+        opt = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return opt
+        return [opt], [{"scheduler": self.scheduler_factory(opt), "interval": "step"}]
+
+    def task_losses(self, batch: Mapping[str, tuple[Tensor, Tensor | None]]) -> dict[str, Tensor]:
+        """Per-task forward+backward with the merge built once; returns the detached losses."""
+        state = self.model.prepare()
+        leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in state.items()}
+        losses = {}
+        for task, (images, labels) in batch.items():
+            loss = self.objective(self.heads(self.model(images, leaves), task), labels)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"non-finite {self.loss_name} ({float(loss)}) on task '{task}' at step "
+                                         f"{self.global_step}; lower the learning rate or enable clamping")
+            self.manual_backward(loss)
+            losses[task] = loss.detach()
+        backward_through_state(state, leaves, self.manual_backward)
+        return losses
+
+    def training_step(self, batch: Mapping[str, tuple[Tensor, Tensor | None]], batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        losses = self.task_losses(batch)
+        for p in self.trainable_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteLossError(f"non-finite gradient at step {self.global_step}; parameters not updated")
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        total = torch.stack(list(losses.values())).sum()
+        self.log(f"train/{self.loss_name}", total, prog_bar=True)
+        for task, loss in losses.items():
+            self.log(f"train/{self.loss_name}/{task}", loss)
+        stats = getattr(self.model, "stats", None)
+        for key, value in (stats() if stats else {}).items():
+            if math.isfinite(value):
+                self.log(f"train/{key}", value)
+        return total
