@@ -164,3 +164,39 @@ def read_all_tasks(root) -> list[str]:
     from fusion.data.mini8 import read_manifest
 
     return list(read_manifest(root)["tasks"])
+
+
+def save_taskpool(pool: InMemoryTaskPool, directory) -> None:
+    """Write an in-memory task pool as ``tensors.safetensors`` + ``tasks.json`` (atomic)."""
+    from pathlib import Path
+
+    from fusion.utils import atomic_save_safetensors, atomic_write_json
+
+    directory = Path(directory)
+    tensors = {}
+    for task in pool.tasks:
+        for split in SPLITS:
+            ds = pool.dataset(task, split)
+            tensors[f"{task}/{split}/images"], tensors[f"{task}/{split}/labels"] = ds.images, ds.labels
+    atomic_save_safetensors(directory / "tensors.safetensors", tensors)
+    atomic_write_json(directory / "tasks.json", {"name": pool.name, "tasks": {
+        t: {"classnames": list(pool.classnames(t)), "templates": list(pool.templates(t))} for t in pool.tasks}})
+
+
+def load_taskpool(directory, tasks: Sequence[str] | None = None) -> InMemoryTaskPool:
+    """Read a task pool written by :func:`save_taskpool` (safetensors: nothing is unpickled)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / "tasks.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: not a task pool written by fusion.data.taskpool.save_taskpool")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(directory / "tensors.safetensors"))
+    names = list(tasks) if tasks is not None else list(meta["tasks"])
+    data = {t: {s: (tensors[f"{t}/{s}/images"], tensors[f"{t}/{s}/labels"]) for s in SPLITS} for t in names}
+    info = {t: TaskInfo(tuple(meta["tasks"][t]["classnames"]), tuple(meta["tasks"][t]["templates"])) for t in names}
+    return InMemoryTaskPool(meta["name"], data, info)

@@ -26,7 +26,7 @@ def combine(tv: Mapping[str, Tensor], coefficients: Tensor) -> StateDict:
         ``{name: Tensor[*shape]}`` in the dtype of ``coefficients`` promoted with the task vectors.
     """
     k = num_tasks(tv)
-    if coefficients.dim() == 1:
+    if coefficients.dim() == 1 and coefficients.shape[0] == k:
         coefficients = coefficients[:, None].expand(k, len(tv))
     if coefficients.shape != (k, len(tv)):
         raise ValueError(f"coefficients must have shape [K={k}] or [K={k}, L={len(tv)}], "

@@ -1,0 +1,90 @@
+"""End-to-end runs of the Hydra app on the tiny pool fixture (seconds each)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fusion.app import train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+REQUIRED = {"method", "modelpool", "per_task", "mean_accuracy", "reference", "protocol", "seed", "pool_hash",
+            "wall_time_s", "config"}
+
+
+def tiny_overrides(tiny_dirs, out: Path, method: str) -> list[str]:
+    pool_dir, task_dir = tiny_dirs
+    return [f"method={method}", "modelpool=dir", f"modelpool.directory={pool_dir}", "taskpool=dir",
+            f"taskpool.directory={task_dir}", "logger=none", f"output_dir={out}", "print_table=false",
+            "trainer.enable_progress_bar=false", "num_threads=1"]
+
+
+def run_app(tiny_dirs, tmp_path: Path, method: str, *extra: str) -> dict:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=tiny_overrides(tiny_dirs, tmp_path, method) + list(extra))
+    results = train(cfg)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["mean_accuracy"] == pytest.approx(results["mean_accuracy"])
+    return on_disk
+
+
+def test_tiny_pool_has_a_gap(tiny_pool):
+    acc = tiny_pool.manifest["accuracy"]["test"]
+    assert acc["individual"]["mean_accuracy"] > acc["pretrained"]["mean_accuracy"] + 0.2
+    assert set(tiny_pool.manifest["task_vectors"]["relative_norm"]) == set(tiny_pool.tasks)
+
+
+@pytest.mark.parametrize("method", ["simple_average", "task_arithmetic", "ties"])
+def test_static_methods_write_results(tiny_dirs, tmp_path, method):
+    res = run_app(tiny_dirs, tmp_path, method)
+    assert REQUIRED <= set(res)
+    assert list(res["per_task"]) == ["alpha", "beta", "gamma"]
+    assert all(0.0 <= a <= 1.0 for a in res["per_task"].values())
+    assert res["mean_accuracy"] == pytest.approx(sum(res["per_task"].values()) / 3)
+    assert set(res["reference"]) == {"pretrained", "individual"}
+    if method != "simple_average":
+        tuning = res["method_info"]["tuning"]
+        assert tuning["on"] == "val" and len(tuning["scores"]) > 1
+        assert res["method_info"]["hyperparameters"]["lam"] == tuning["best"]["lam"]
+        assert "tuned on the labeled val split" in res["protocol"]
+
+
+def test_task_arithmetic_matches_an_independent_merge(tiny_dirs, tiny_pool, tiny_taskpool, tmp_path):
+    res = run_app(tiny_dirs, tmp_path, "task_arithmetic", "++method.tune=null", "method.fn.lam=0.5")
+    from fusion.evaluate import evaluate
+    state = {k: v + 0.5 * sum(tiny_pool.experts[t][k] - v for t in tiny_pool.tasks)
+             for k, v in tiny_pool.pretrained_state().items()}
+    enc = tiny_pool.expert_encoder("alpha")
+    enc.load_state_dict(state)
+    expected = evaluate(enc, tiny_pool.heads, tiny_taskpool, split="test")
+    assert res["per_task"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("method", ["adamerging_layer_wise", "adamerging_task_wise"])
+def test_adamerging_run_writes_coefficients(tiny_dirs, tmp_path, method):
+    res = run_app(tiny_dirs, tmp_path, method, "method.steps=4")
+    assert "transductive" in res["protocol"] and "entropy" in res["protocol"]
+    coeffs = json.loads((tmp_path / "coefficients.json").read_text())
+    lam = torch.tensor(coeffs["lambdas"])
+    assert lam.shape[0] == 3 and (lam.dim() == 1) == (method == "adamerging_task_wise")
+    assert not torch.allclose(lam, torch.full_like(lam, 0.3))  # it trained
+    assert (tmp_path / "coefficients.png").stat().st_size > 1000
+    assert (tmp_path / "merge_parameters.safetensors").is_file()
+
+
+def test_cli_cfg_job_and_multirun(tiny_dirs, tmp_path):
+    pool_dir, task_dir = tiny_dirs
+    job = subprocess.run([sys.executable, "-m", "fusion.app", "method=ties", "--cfg", "job"],
+                         capture_output=True, text=True, check=True)
+    assert "fusion.merge.ties.ties" in job.stdout
+    args = [sys.executable, "-m", "fusion.app", "-m", "method=task_arithmetic,simple_average", "modelpool=dir",
+            f"modelpool.directory={pool_dir}", "taskpool=dir", f"taskpool.directory={task_dir}", "logger=none",
+            "num_threads=1", "++method.tune=null", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"]
+    subprocess.run(args, capture_output=True, text=True, check=True)
+    methods = sorted(json.loads(p.read_text())["method"] for p in tmp_path.glob("*/results.json"))
+    assert methods == ["simple_average", "task_arithmetic"]
