@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from fusion.merge.task_vectors import num_tasks
 from fusion.methods.base import MergeOutcome, RunContext
-from fusion.param.merged import MergedEncoder
 from fusion.report import coefficient_heatmap
 from fusion.train.module import MergeTraining, NonFiniteLossError
 from fusion.train.objectives import needs_labels, objective_name
@@ -35,10 +33,11 @@ def protocol(objective: Callable, split: str, labeled: bool) -> str:
 
 
 class LearnedMerge:
-    """Train ``parametrization(num_tasks, num_tensors, init)`` over (optionally preprocessed) task vectors.
+    """Train a merged model built by ``model(base, task_vectors, init)`` over (optionally preprocessed) task vectors.
 
     Args:
-        parametrization: ``(num_tasks, num_tensors, init) -> nn.Module`` weighting (Hydra ``_partial_``).
+        model: ``(base, task_vectors, init) -> nn.Module`` with ``prepare()``, ``forward(images, state)``,
+            ``merge_and_unload()`` (Hydra ``_partial_``), e.g. :func:`fusion.param.coefficients.coefficient_merge`.
         objective: ``(logits, labels | None) -> loss``.
         optimizer, scheduler: Hydra partials over parameters / optimizer.
         data: ``(taskpool, tasks, seed) -> MultiTaskDataModule`` partial (split, batch_size, labeled).
@@ -47,12 +46,12 @@ class LearnedMerge:
         preprocess: optional ``τ -> τ'`` (e.g. TIES trim + elect + disjoint for AdaMerging++).
     """
 
-    def __init__(self, name: str, parametrization: Callable, objective: Callable, optimizer: Callable,
+    def __init__(self, name: str, model: Callable, objective: Callable, optimizer: Callable,
                  data: Callable, steps: int, init: Any = 0.3, preprocess: Callable | None = None,
                  scheduler: Callable | None = None, tv_dtype: str | None = None):
         if steps < 1:
             raise ValueError(f"method.steps must be ≥ 1, got {steps}")
-        self.name, self.parametrization, self.objective = name, parametrization, objective
+        self.name, self.model, self.objective = name, model, objective
         self.optimizer, self.scheduler, self.data, self.steps = optimizer, scheduler, data, int(steps)
         self.init, self.preprocess = init, preprocess
         self.tv_dtype = getattr(torch, tv_dtype) if tv_dtype else None
@@ -62,12 +61,11 @@ class LearnedMerge:
             return self.init.initial_coefficient(pool, taskpool, ctx)
         return self.init, None
 
-    def build_model(self, pool, init: Any) -> MergedEncoder:
+    def build_model(self, pool, init: Any):
         tv = pool.task_vectors(dtype=self.tv_dtype)
         if self.preprocess is not None:
             tv = self.preprocess(tv)
-        weighting = self.parametrization(num_tasks=num_tasks(tv), num_tensors=len(tv), init=init)
-        return MergedEncoder(pool.encoder, tv, weighting)
+        return self.model(base=pool.encoder, task_vectors=tv, init=init)
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
         init, init_tuning = self.initial_value(pool, taskpool, ctx)
@@ -84,21 +82,21 @@ class LearnedMerge:
             self.save_outputs(model, pool.tasks, ctx, suffix=".last_good")
             raise
         self.save_outputs(model, pool.tasks, ctx)
-        info = {"init": init if not isinstance(init, torch.Tensor) else init.tolist(), "init_tuning": init_tuning,
-                "steps": self.steps, "trainable_parameters": sum(p.numel() for p in model.weighting.parameters()),
-                **model.stats()}
+        info = {"init": init, "init_tuning": init_tuning, "steps": self.steps,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
         return MergeOutcome(model.merge_and_unload(), info,
                             protocol(self.objective, datamodule.split, datamodule.labeled))
 
     @rank_zero_only
-    def save_outputs(self, model: MergedEncoder, tasks: Sequence[str], ctx: RunContext, suffix: str = "") -> None:
+    def save_outputs(self, model, tasks: Sequence[str], ctx: RunContext, suffix: str = "") -> None:
         """Learned parameters (safetensors + JSON) and, for coefficients, a tasks × tensors heatmap."""
         out = ctx.output_dir
-        state = {k: v.detach().float() for k, v in model.weighting.state_dict().items()}
-        meta = {"tasks": json.dumps(list(tasks)), "tensor_names": json.dumps(model.names)}
+        state = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad}
+        meta = {"tasks": json.dumps(list(tasks)), "tensor_names": json.dumps(getattr(model, "names", []))}
         atomic_save_safetensors(out / f"merge_parameters{suffix}.safetensors", state, meta)
-        if "lambdas" in state:
-            values = model.weighting.values().detach()
+        weighting = getattr(model, "weighting", None)
+        if hasattr(weighting, "values"):
+            values = weighting.values().detach()
             atomic_write_json(out / f"coefficients{suffix}.json",
                               {"tasks": list(tasks), "tensor_names": model.names, "lambdas": values.tolist()})
             if not suffix:

@@ -54,6 +54,17 @@ class Coefficients(nn.Module):
         return {"lambda_mean": float(v.mean()), "lambda_min": float(v.min()), "lambda_max": float(v.max())}
 
 
+def coefficient_merge(base, task_vectors, init: float | Sequence[float] = 0.3, layer_wise: bool = True,
+                      clamp: tuple[float, float] | None = None):
+    """AdaMerging's merged encoder: ``MergedEncoder(base, τ, Coefficients)`` (layer-wise or task-wise)."""
+    from fusion.merge.task_vectors import num_tasks
+    from fusion.param.merged import MergedEncoder
+
+    k, n = num_tasks(task_vectors), len(task_vectors)
+    weighting = Coefficients(k, n if layer_wise else None, init, clamp)
+    return MergedEncoder(base, task_vectors, weighting)
+
+
 def task_wise(num_tasks: int, num_tensors: int, init: float | Sequence[float] = 0.3,
               clamp: tuple[float, float] | None = None) -> Coefficients:
     """Task-wise AdaMerging: K coefficients shared by every tensor."""
