@@ -31,18 +31,33 @@ def grid(space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 class StaticMerge:
-    """A data-free merge ``fn(τ, **hyperparameters)``; ``tune`` = ``{name: [values]}`` grid on ``tune_split``."""
+    """A data-free merge ``fn(τ, **hyperparameters)``; ``tune`` = ``{name: [values]}`` grid on ``tune_split``.
+
+    ``postprocess`` (e.g. LiNeS' :func:`fusion.merge.lines.lines_scale`) maps the merged update to a new one;
+    tune its arguments with ``postprocess.<arg>`` keys in ``tune``.
+    """
 
     def __init__(self, fn: Callable[..., StateDict], name: str | None = None,
-                 tune: Mapping[str, Sequence[Any]] | None = None, tune_split: str = "val"):
+                 tune: Mapping[str, Sequence[Any]] | None = None, tune_split: str = "val",
+                 postprocess: Callable[..., StateDict] | None = None):
         if tune_split == "test":
             raise ValueError("tune_split='test' would tune on test labels; use the validation split ('val')")
-        self.fn, self.tune_split = fn, tune_split
+        self.fn, self.tune_split, self.postprocess = fn, tune_split, postprocess
         self.tune = {k: list(v) for k, v in (tune or {}).items()}
         self.name = name or getattr(getattr(fn, "func", fn), "__name__", "static")
 
     def defaults(self) -> dict[str, Any]:
-        return dict(getattr(self.fn, "keywords", {}) or {})
+        post = {f"postprocess.{k}": v for k, v in (getattr(self.postprocess, "keywords", {}) or {}).items()}
+        return {**(getattr(self.fn, "keywords", {}) or {}), **post}
+
+    def merge(self, tv, hparams: Mapping[str, Any]) -> StateDict:
+        """``postprocess(fn(τ, **h), **h_post)`` with ``h_post`` the ``postprocess.*`` entries of ``hparams``."""
+        own = {k: v for k, v in hparams.items() if not k.startswith("postprocess.")}
+        delta = self.fn(tv, **own)
+        if self.postprocess is None:
+            return delta
+        post = {k.split(".", 1)[1]: v for k, v in hparams.items() if k.startswith("postprocess.")}
+        return self.postprocess(delta, **post)
 
     def select(self, pool, taskpool, tv, ctx: RunContext) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The hyperparameters to use and the tuning record (None when not tuned)."""
@@ -54,7 +69,7 @@ class StaticMerge:
                            f"({sorted(self.defaults())}); add them to fn or fix tune")
         scores = []
         for candidate in grid(self.tune):
-            acc = evaluate(merged_encoder(pool, self.fn(tv, **candidate)), pool.heads, taskpool,
+            acc = evaluate(merged_encoder(pool, self.merge(tv, {**self.defaults(), **candidate})), pool.heads, taskpool,
                            split=self.tune_split, batch_size=ctx.eval_batch_size)
             scores.append({**candidate, "mean_accuracy": sum(acc.values()) / len(acc)})
             log.info("%s %s: %s mean accuracy %.4f", self.name, candidate, self.tune_split, scores[-1]["mean_accuracy"])
@@ -65,7 +80,7 @@ class StaticMerge:
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
         tv = pool.task_vectors()
         hparams, tuning = self.select(pool, taskpool, tv, ctx)
-        encoder = merged_encoder(pool, self.fn(tv, **hparams))
+        encoder = merged_encoder(pool, self.merge(tv, hparams))
         return MergeOutcome(encoder, {"hyperparameters": hparams, "tuning": tuning},
                             protocol="static merge" + (f"; hyperparameters tuned on the labeled {self.tune_split} split"
                                                        if tuning else "; default hyperparameters, no data"))

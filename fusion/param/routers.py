@@ -1,0 +1,177 @@
+"""Routers and the per-sample routed linear layer that WEMoE and SMEAR share (METHODS.md §2–3).
+
+A router maps a block's MLP input ``x [B, T, d]`` (tokens after ``ln_2``) to one coefficient vector per sample,
+``r(x) ∈ R^K``, that weights the K frozen task vectors: ``W(x) = W_0 + Σ_k r_k(x) τ_k``.
+
+- :class:`WEMoERouter` (Tang et al., ICML 2024): ``r(h) = W_2 ReLU(W_1 h + b_1) + b_2`` applied to every token and
+  averaged over tokens; ``W ~ N(0, 0.01²)``, ``b_1 = 0``, ``b_2 = λ_0``; no softmax, no clamp. Depth 1 is linear,
+  depth 0 a constant vector (= partial AdaMerging).
+- :class:`SMEARRouter` (Muqeeth et al., TMLR 2024): ``p = softmax(W LN(mean_t x) + b)`` with expert dropout in
+  training, optionally times a learned global scale ``s`` (init ``0.3·K``: uniform routing is task arithmetic).
+
+Per-sample merge without a Python loop (:func:`routed_linear`). A linear layer is linear in its weights, so
+``x W(x)ᵀ = x W_0ᵀ + Σ_k r_k(x) (x τ_kᵀ)`` exactly; the MLP's activation sits between two such layers, never inside
+a sum of expert outputs. Two equal forms (tested against each other and a per-sample loop):
+
+- ``"experts"``: one matmul with the K stacked task vectors, ``(K+1)·B·T·out·in`` FLOPs, extra memory
+  ``B·T·K·out``, never materialises a weight per sample;
+- ``"weights"``: ``W(x)`` per sample as ``[B, out, in]`` and ``torch.bmm``, ``B·(K+T)·out·in`` FLOPs, extra memory
+  ``B·out·in``; with batch-reduced routing (one ``r`` for the batch) it builds a single ``W`` and is a plain linear.
+
+``"auto"`` takes ``"weights"`` (fewer FLOPs whenever T > 1, and the only sensible choice for a shared ``r``) unless the
+``[B, out, in]`` tensor would exceed :data:`MAX_WEIGHT_NUMEL` elements, then ``"experts"`` (bounded memory).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusion.merge.sparsify import check_drop_rate
+
+FORMS = ("auto", "experts", "weights")
+MAX_WEIGHT_NUMEL = 2 ** 27  # 512 MiB of fp32 per-sample weights before "auto" switches to expert outputs
+ROUTER_INIT_STD = 0.01
+
+
+def check_depth(depth: int) -> None:
+    if depth not in (0, 1, 2):
+        raise ValueError(f"router depth must be 0 (a constant vector: partial AdaMerging), 1 (linear d→K) or 2 "
+                         f"(d→d→K with ReLU, the WEMoE default); got {depth!r} (set method.model.depth)")
+
+
+def check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS} (how the per-sample routed linear is computed), got {form!r}")
+
+
+class WEMoERouter(nn.Module):
+    """WEMoE's router: tokens ``[B, T, d]`` → ``r [B, K]`` (router applied per token, averaged over tokens).
+
+    Args:
+        dim: token width ``d``.
+        init: ``Tensor[K]`` initial output (the output bias; WEMoE's ``init_lambda``).
+        depth: 0 (constant), 1 (linear) or 2 (``d→d→K`` with ReLU).
+    """
+
+    def __init__(self, dim: int, init: Tensor, depth: int = 2):
+        super().__init__()
+        check_depth(depth)
+        self.depth = depth
+        k = init.numel()
+        if depth == 0:
+            self.constant = nn.Parameter(init.detach().clone().float())
+            return
+        layers: list[nn.Module] = []
+        if depth == 2:
+            layers += [nn.Linear(dim, dim), nn.ReLU()]
+        layers.append(nn.Linear(dim, k))
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=ROUTER_INIT_STD)
+                nn.init.zeros_(layer.bias)
+        with torch.no_grad():
+            layers[-1].bias.copy_(init)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.depth == 0:
+            return self.constant[None].expand(x.shape[0], -1)
+        return self.net(x).mean(1)
+
+
+class GlobalScale(nn.Module):
+    """One learned scalar ``s`` shared by every SMEAR router (init ``λ_0·K``)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, p: Tensor) -> Tensor:
+        return self.value * p
+
+
+def expert_dropout(p: Tensor, rate: float) -> Tensor:
+    """Zero each routing probability with probability ``rate`` and renormalise each row to sum 1.
+
+    ``p [B, K]``. A row whose every entry was dropped keeps its original probabilities.
+    """
+    if rate == 0:
+        return p
+    dropped = p * (torch.rand_like(p) >= rate)
+    total = dropped.sum(-1, keepdim=True)
+    return torch.where(total > 0, dropped / total.clamp_min(torch.finfo(p.dtype).tiny), p)
+
+
+class SMEARRouter(nn.Module):
+    """SMEAR's router: ``p = softmax(W LN(mean_t x) + b)`` per sample, expert dropout in training, optional scale.
+
+    Args:
+        dim: token width ``d``; num_experts: ``K``; dropout: expert-dropout rate in ``[0, 1)``;
+        scale: a shared :class:`GlobalScale` (``None``: the coefficients are the probabilities).
+    """
+
+    def __init__(self, dim: int, num_experts: int, dropout: float = 0.1, scale: GlobalScale | None = None):
+        super().__init__()
+        check_drop_rate(dropout, "expert_dropout")
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, num_experts)
+        nn.init.normal_(self.linear.weight, std=ROUTER_INIT_STD)
+        nn.init.zeros_(self.linear.bias)
+        self.dropout, self.scale = float(dropout), scale
+
+    def probabilities(self, x: Tensor) -> Tensor:
+        """``softmax`` routing weights ``[B, K]`` (expert dropout applied in training)."""
+        p = self.linear(self.norm(x.mean(1))).softmax(-1)
+        return expert_dropout(p, self.dropout) if self.training else p
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.probabilities(x)
+        return self.scale(p) if self.scale is not None else p
+
+
+def routed_bias(b0: Tensor | None, tb: Tensor | None, r: Tensor) -> Tensor | None:
+    """``b_0 + Σ_k r_k τb_k`` as ``[B|1, out]`` (``None`` for a linear without bias)."""
+    if tb is None:
+        return None if b0 is None else b0.expand(r.shape[0], -1)
+    return r @ tb if b0 is None else b0 + r @ tb
+
+
+def routed_linear_experts(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None,
+                          r: Tensor) -> Tensor:
+    """``x W_0ᵀ + Σ_k r_k (x τ_kᵀ) + b(x)`` — the expert-output form.
+
+    Shapes: ``x [B, T, in]``, ``w0 [out, in]``, ``b0 [out]``, ``tw [K, out, in]``, ``tb [K, out]``, ``r [B|1, K]``;
+    returns ``[B, T, out]``.
+    """
+    b, t, _ = x.shape
+    k, out = tw.shape[:2]
+    r = r.expand(b, k)
+    experts = F.linear(x, tw.reshape(k * out, -1)).view(b, t, k, out)
+    y = F.linear(x, w0) + torch.einsum("btko,bk->bto", experts, r)
+    bias = routed_bias(b0, tb, r)
+    return y if bias is None else y + bias[:, None, :]
+
+
+def routed_linear_weights(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None,
+                          r: Tensor) -> Tensor:
+    """``x W(x)ᵀ + b(x)`` with ``W(x) = W_0 + Σ_k r_k τ_k`` built per sample (``[B, out, in]``), or once if ``r [1, K]``.
+
+    Shapes as :func:`routed_linear_experts`.
+    """
+    bias = routed_bias(b0, tb, r)
+    if r.shape[0] == 1:
+        weight = w0 + torch.tensordot(r[0], tw, dims=1)
+        return F.linear(x, weight, None if bias is None else bias[0])
+    y = torch.bmm(x, (w0 + torch.einsum("bk,koi->boi", r, tw)).transpose(1, 2))
+    return y if bias is None else y + bias[:, None, :]
+
+
+def routed_linear(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None, r: Tensor,
+                  form: str = "auto") -> Tensor:
+    """The per-sample routed linear in ``form`` (see the module docstring for the cost of each)."""
+    if form == "auto":
+        per_sample = r.shape[0] > 1
+        form = "experts" if per_sample and x.shape[0] * w0.numel() > MAX_WEIGHT_NUMEL else "weights"
+    fn = routed_linear_experts if form == "experts" else routed_linear_weights
+    return fn(x, w0, b0, tw, tb, r.to(x.dtype))
