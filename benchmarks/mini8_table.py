@@ -1,0 +1,70 @@
+"""Run methods on mini8 one after another and write the README's results table.
+
+    python benchmarks/mini8_table.py                       # every method with its default config
+    python benchmarks/mini8_table.py ties adamerging_layer_wise "adamerging_layer_wise method/init=task_arithmetic"
+
+Each argument is a method name followed by optional Hydra overrides (quoted). Runs go to
+benchmarks/results/runs/<slug>/ and the table to benchmarks/results/mini8.md (+ mini8.json). Test accuracy of the
+merged model; hyperparameters tuned on val where the method tunes; TTA methods adapt on unlabeled test images.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusion.app import train  # noqa: E402
+from fusion.report import format_table  # noqa: E402
+from fusion.utils import atomic_write_bytes, atomic_write_json  # noqa: E402
+
+DEFAULT = ["simple_average", "task_arithmetic", "ties", "dare", "della", "consensus", "lines", "iso_c", "iso_cts",
+           "pcb", "fisher_merging", "regmean", "opcm", "adamerging_task_wise", "adamerging_layer_wise",
+           "adamerging_pp_task_wise", "adamerging_pp_layer_wise"]
+
+
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.replace(" ", "__"))[:120]
+
+
+def run(spec: str, out_root: Path) -> dict:
+    method, *overrides = spec.split()
+    out = out_root / "runs" / slug(spec)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={method}", *overrides, f"output_dir={out}", "logger=none",
+                                           "print_table=false", "trainer.enable_progress_bar=false"])
+    start = time.time()
+    results = train(cfg)
+    results["bench_seconds"] = round(time.time() - start, 1)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    out_root = ROOT / "benchmarks" / "results"
+    specs = argv or DEFAULT
+    table_path = out_root / "mini8.json"
+    rows = json.loads(table_path.read_text()) if table_path.is_file() else {}
+    for spec in specs:
+        res = run(spec, out_root)
+        rows[spec] = {"per_task": res["per_task"], "mean_accuracy": res["mean_accuracy"], "protocol": res["protocol"],
+                      "method_info": res["method_info"], "seconds": res["bench_seconds"],
+                      "reference": res["reference"], "pool_hash": res["pool_hash"]}
+        atomic_write_json(table_path, rows)
+        print(f"{spec}: {100 * res['mean_accuracy']:.1f} ({res['bench_seconds']} s)", flush=True)
+    first = next(iter(rows.values()))
+    tasks = list(first["per_task"])
+    table = {"pretrained (zero-shot)": first["reference"]["pretrained"]["per_task"]}
+    table.update({spec: r["per_task"] for spec, r in rows.items()})
+    table["individual experts"] = first["reference"]["individual"]["per_task"]
+    atomic_write_bytes(out_root / "mini8.md", (format_table(table, tasks) + "\n").encode())
+    print(format_table(table, tasks))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
