@@ -84,8 +84,17 @@ class LearnedMerge:
         self.save_outputs(model, pool.tasks, ctx)
         info = {"init": init, "init_tuning": init_tuning, "steps": self.steps,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
-        return MergeOutcome(model.merge_and_unload(), info,
+        return MergeOutcome(self.final_encoder(model, taskpool, pool.tasks, ctx), info,
                             protocol(self.objective, datamodule.split, datamodule.labeled))
+
+    def final_encoder(self, model, taskpool, tasks: Sequence[str], ctx: RunContext):
+        """The model to evaluate: static merges are unloaded into a plain encoder; input-dependent ones (routers)
+        write their artifacts (routing plot, saved routed model) and are evaluated as they are, in eval mode."""
+        if getattr(model, "input_dependent", False):
+            if rank_zero_only.rank == 0:
+                model.artifacts(ctx.output_dir, taskpool, tasks)
+            return model.eval()
+        return model.merge_and_unload()
 
     @rank_zero_only
     def save_outputs(self, model, tasks: Sequence[str], ctx: RunContext, suffix: str = "") -> None:

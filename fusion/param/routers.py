@@ -18,8 +18,12 @@ a sum of expert outputs. Two equal forms (tested against each other and a per-sa
 - ``"weights"``: ``W(x)`` per sample as ``[B, out, in]`` and ``torch.bmm``, ``B·(K+T)·out·in`` FLOPs, extra memory
   ``B·out·in``; with batch-reduced routing (one ``r`` for the batch) it builds a single ``W`` and is a plain linear.
 
-``"auto"`` takes ``"weights"`` (fewer FLOPs whenever T > 1, and the only sensible choice for a shared ``r``) unless the
-``[B, out, in]`` tensor would exceed :data:`MAX_WEIGHT_NUMEL` elements, then ``"experts"`` (bounded memory).
+``"auto"``: with a batch-reduced ``r`` (one per batch) ``"weights"``, i.e. a single merged ``W`` and a plain linear.
+Per sample, building ``[B, out, in]`` is memory-bound: on one CPU thread it cost as much as ≈200 extra
+``T·out·in`` multiply-adds per sample, so ``"experts"`` (``T·K`` extra) is used while ``T·K ≤`` :data:`EXPERTS_MAX_TK`
+(mini8: T=17, K=8 → 136, 1.3× faster) and ``"weights"`` above (ViT-B/32: T=50, K=8 → 400, 1.8× faster), except that
+``"experts"`` is also used when ``B·out·in`` exceeds :data:`MAX_WEIGHT_NUMEL`. GPUs have another balance: pass
+``form`` explicitly to override.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from fusion.merge.sparsify import check_drop_rate
 
 FORMS = ("auto", "experts", "weights")
 MAX_WEIGHT_NUMEL = 2 ** 27  # 512 MiB of fp32 per-sample weights before "auto" switches to expert outputs
+EXPERTS_MAX_TK = 200  # "auto" uses expert outputs per sample while tokens × experts ≤ this (CPU measurement)
 ROUTER_INIT_STD = 0.01
 
 
@@ -155,7 +160,7 @@ def routed_linear_experts(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, 
 
 def routed_linear_weights(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None,
                           r: Tensor) -> Tensor:
-    """``x W(x)ᵀ + b(x)`` with ``W(x) = W_0 + Σ_k r_k τ_k`` built per sample (``[B, out, in]``), or once if ``r [1, K]``.
+    """``x W(x)ᵀ + b(x)``, ``W(x) = W_0 + Σ_k r_k τ_k`` built per sample (``[B, out, in]``), or once if ``r [1, K]``.
 
     Shapes as :func:`routed_linear_experts`.
     """
@@ -171,7 +176,9 @@ def routed_linear(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tens
                   form: str = "auto") -> Tensor:
     """The per-sample routed linear in ``form`` (see the module docstring for the cost of each)."""
     if form == "auto":
+        b, t = x.shape[:2]
         per_sample = r.shape[0] > 1
-        form = "experts" if per_sample and x.shape[0] * w0.numel() > MAX_WEIGHT_NUMEL else "weights"
+        small_tk, big_weights = t * tw.shape[0] <= EXPERTS_MAX_TK, b * w0.numel() > MAX_WEIGHT_NUMEL
+        form = "experts" if per_sample and (small_tk or big_weights) else "weights"
     fn = routed_linear_experts if form == "experts" else routed_linear_weights
     return fn(x, w0, b0, tw, tb, r.to(x.dtype))
