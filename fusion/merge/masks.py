@@ -4,7 +4,7 @@
   ``m̂ = σ((log u − log(1−u) + x) / T)``, ``u ~ U(0, 1)`` (Maddison et al., 2017; the paper's Eq. 5), the same
   draw as ``torch.distributions.RelaxedBernoulli(T, logits=x).rsample()``; differentiable in the logits ``x``.
 - :func:`expected_mask`, :func:`hard_mask` — ``σ(x)`` and ``1[σ(x) > 0.5]`` (evaluation masks).
-- :func:`apply_mask` — ``τ̃_k = τ_k ⊙ m / mean(m)`` (the rescale is per tensor, ``src/concrete_mask.py:_apply_mask``);
+- :func:`apply_mask` — ``τ̃_k = τ_k ⊙ m / mean(m)``, rescaled per tensor (``src/concrete_mask.py:_apply_mask``);
   :func:`mask_task_vectors` does it for stacked task vectors with one mask per tensor, shared by all tasks.
 - :func:`pack_bits` / :func:`unpack_bits` — a binary mask stored at one bit per element.
 """
