@@ -3,6 +3,8 @@
     fusion                                   # the default experiment on mini8
     fusion method=ties                       # any file in conf/method/
     fusion -m method=task_arithmetic,ties    # a sweep (local, or hydra/launcher=slurm)
+    fusion trainer=ddp trainer.devices=4     # learned methods on 4 GPUs (only rank 0 evaluates and writes)
+    fusion resume=outputs/<method>/<time>    # continue a learned run from its checkpoints/last.ckpt
 """
 from __future__ import annotations
 
@@ -12,17 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fusion.evaluate import evaluate, summarize
 from fusion.methods.base import RunContext
 from fusion.report import print_results
+from fusion.train.checkpoint import PeriodicCheckpoint, resume_checkpoint, with_callbacks
 from fusion.utils import atomic_write_json, configure_threads
 
 log = logging.getLogger("fusion")
+# absolute: a relative path would be resolved as the module `conf` when started as the `fusion` console script
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def reference_rows(pool, taskpool, batch_size: int) -> dict[str, Any]:
@@ -45,43 +52,116 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def global_rank() -> int:
+    """This process's rank: 0 unless Lightning's DDP launcher or SLURM/torchrun started several."""
+    return getattr(rank_zero_only, "rank", 0)
+
+
+def leave_process_group() -> int:
+    """After training, end this process's part in DDP; returns its rank (only rank 0 goes on to evaluate).
+
+    Without a process group torchmetrics does not try to sync the evaluation of rank 0 with ranks that left.
+    """
+    rank = global_rank()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return rank
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers, resolved where every interpolation resolves."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run (compose API)
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def start_loggers(cfg: DictConfig) -> list:
+    """Every configured logger that starts: built and sent the full config; a failing one is skipped with a warning."""
+    loggers, config = [], plain_config(cfg)
+    for name, conf in (cfg.get("logger") or {}).items():
+        try:
+            logger = instantiate(conf)
+            logger.log_hyperparams(config)  # first use: W&B starts its run here
+        except Exception as err:
+            log.warning("logger '%s' could not start, continuing without it: %s: %s", name, type(err).__name__, err)
+            continue
+        loggers.append(logger)
+    return loggers
+
+
+def finish_loggers(loggers: list, metrics: dict[str, float], out: Path) -> None:
+    """Log test metrics and the run directory's PNG plots (loggers with ``log_image``), then close each logger.
+
+    A W&B run is finished here (``experiment.finish``): otherwise the next job of a multirun in this process
+    would log into it.
+    """
+    images = sorted(out.glob("*.png"))
+    for logger in loggers:
+        try:
+            logger.log_metrics(metrics)
+            log_image = getattr(logger, "log_image", None)
+            for png in images if log_image else []:
+                log_image(key=f"plots/{png.stem}", images=[str(png)])
+            logger.finalize("success")
+            finish = getattr(logger.experiment, "finish", None)
+            if callable(finish):
+                finish()
+        except Exception as err:
+            log.warning("logger %s failed at the end of the run (results.json is written): %s: %s",
+                        type(logger).__name__, type(err).__name__, err)
+
+
+def trainer_factory(cfg: DictConfig, out: Path, method: str, pool_hash: str):
+    """conf/trainer's partial with the periodic checkpoint (and the checkpoint to resume from, validated)."""
+    resume = resume_checkpoint(cfg.resume, method, pool_hash) if cfg.get("resume") else None
+    every = int(cfg.get("checkpoint_every") or 0)
+    if not (every or resume):
+        return instantiate(cfg.trainer)
+    return with_callbacks(instantiate(cfg.trainer), [PeriodicCheckpoint(out / "checkpoints", every, method,
+                                                                         pool_hash, resume)])
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment described by ``cfg``; returns the results dict (also written to results.json)."""
+    """Run one experiment described by ``cfg``; returns the results dict (also written to results.json).
+
+    Under DDP every rank trains; only rank 0 evaluates, writes and logs, and the other ranks return ``{}``.
+    """
     start = time.time()
     configure_threads(cfg.get("num_threads"))
-    torch.manual_seed(cfg.seed)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pool = instantiate(cfg.modelpool)
     taskpool = instantiate(cfg.taskpool).select(pool.tasks)
     method = instantiate(cfg.method)
-    ctx = RunContext(output_dir=out, seed=int(cfg.seed), trainer=instantiate(cfg.trainer),
-                     loggers=[instantiate(c) for c in (cfg.get("logger") or {}).values()],
-                     eval_batch_size=int(cfg.eval_batch_size))
+    name = cfg.method.get("name") or method.__class__.__name__
+    ctx = RunContext(output_dir=out, seed=int(cfg.seed), trainer=trainer_factory(cfg, out, name, pool.pool_hash),
+                     loggers=start_loggers(cfg), eval_batch_size=int(cfg.eval_batch_size))
     outcome = method.run(pool, taskpool, ctx)
+    if leave_process_group() != 0:
+        return {}
     merged = summarize(evaluate(outcome.encoder, pool.heads, taskpool, split="test", batch_size=ctx.eval_batch_size))
     results = {
-        "method": cfg.method.get("name") or method.__class__.__name__, "modelpool": pool.name,
+        "method": name, "modelpool": pool.name,
         **merged, "reference": reference_rows(pool, taskpool, ctx.eval_batch_size),
         "protocol": outcome.protocol, "seed": int(cfg.seed), "pool_hash": pool.pool_hash,
         "method_info": outcome.info, "wall_time_s": round(time.time() - start, 2),
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
     atomic_write_json(out / "results.json", results)
-    for lg in ctx.loggers:
-        lg.log_metrics({f"test/acc/{t}": a for t, a in merged["per_task"].items()} |
-                       {"test/acc/mean": merged["mean_accuracy"]})
-        lg.finalize("success")
+    finish_loggers(ctx.loggers, {f"test/acc/{t}": a for t, a in merged["per_task"].items()} |
+                   {"test/acc/mean": merged["mean_accuracy"]}, out)
     if cfg.get("print_table", True):
         print_results(results)
     log.info("results written to %s", out / "results.json")
     return results
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Console entry point; returns the mean test accuracy (for Hydra sweepers)."""
-    return train(cfg)["mean_accuracy"]
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; returns the mean test accuracy (for Hydra sweepers; None on DDP ranks > 0)."""
+    return train(cfg).get("mean_accuracy")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.report import coefficient_heatmap
+from fusion.train.checkpoint import resume_path
 from fusion.train.module import MergeTraining, NonFiniteLossError
 from fusion.train.objectives import needs_labels, objective_name
 from fusion.utils import atomic_save_safetensors, atomic_write_json
@@ -77,24 +78,18 @@ class LearnedMerge:
         module = MergeTraining(model, pool.heads, self.objective, self.optimizer, self.scheduler)
         trainer = ctx.trainer(max_steps=self.steps, default_root_dir=str(ctx.output_dir), logger=ctx.loggers or False)
         try:
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(trainer))
         except NonFiniteLossError:
             self.save_outputs(model, pool.tasks, ctx, suffix=".last_good")
             raise
         self.save_outputs(model, pool.tasks, ctx)
         info = {"init": init, "init_tuning": init_tuning, "steps": self.steps,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
-        return MergeOutcome(self.final_encoder(model, taskpool, pool.tasks, ctx), info,
-                            protocol(self.objective, datamodule.split, datamodule.labeled))
-
-    def final_encoder(self, model, taskpool, tasks: Sequence[str], ctx: RunContext):
-        """The model to evaluate: static merges are unloaded into a plain encoder; input-dependent ones (routers)
-        write their artifacts (routing plot, saved routed model) and are evaluated as they are, in eval mode."""
-        if getattr(model, "input_dependent", False):
-            if rank_zero_only.rank == 0:
-                model.artifacts(ctx.output_dir, taskpool, tasks)
-            return model.eval()
-        return model.merge_and_unload()
+        if hasattr(model, "artifacts") and rank_zero_only.rank == 0:
+            info["artifacts"] = model.artifacts(ctx.output_dir, taskpool, pool.tasks)
+        # input-dependent models (routers) are evaluated as they are, in eval mode (per-sample routing, no dropout)
+        encoder = model.eval() if getattr(model, "input_dependent", False) else model.merge_and_unload()
+        return MergeOutcome(encoder, info, protocol(self.objective, datamodule.split, datamodule.labeled))
 
     @rank_zero_only
     def save_outputs(self, model, tasks: Sequence[str], ctx: RunContext, suffix: str = "") -> None:

@@ -56,9 +56,25 @@ class MergeTraining(pl.LightningModule):
         self.objective, self.optimizer_factory, self.scheduler_factory = objective, optimizer, scheduler
         self.loss_name = objective_name(objective)
         self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable parameters (see on_save_checkpoint)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the trainable merge parameters: the frozen experts are rebuilt from the pool on resume."""
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Loaded with ``strict=False`` (frozen weights are absent); every trainable parameter must be there."""
+        missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable parameters {missing[:3]} (of {len(missing)} missing): it was "
+                           "written by a different merge parametrization")
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
