@@ -30,7 +30,8 @@ def pool_key(recipe: Mapping[str, Any], data_version: str) -> str:
     return sha256_json({"pool_version": POOL_VERSION, "data": data_version, "recipe": recipe})[:12]
 
 
-def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest: Mapping[str, Any]) -> Path:
+def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest: Mapping[str, Any],
+               accelerator: str = "cpu") -> Path:
     """Pretrain, derive heads, fine-tune one expert per task, evaluate, and save the pool to ``out_dir``."""
     import open_clip
 
@@ -39,7 +40,7 @@ def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest
     torch.manual_seed(seed)
     clip = create_clip(recipe["model"])
     tokenize = open_clip.get_tokenizer(recipe["model"])
-    build.pretrain_clip(clip, taskpool, tokenize, seed=seed, **pre)
+    build.pretrain_clip(clip, taskpool, tokenize, seed=seed, accelerator=accelerator, **pre)
     heads = build.zero_shot_heads(clip, taskpool, tokenize, float(recipe["max_logit_scale"]))
     encoder = clip.visual.eval()
     experts = {}
@@ -47,7 +48,8 @@ def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest
         log.info("fine-tuning expert %s (%d steps)", task, ft["steps"][task])
         experts[task] = build.finetune_expert(
             encoder, heads, taskpool, task, steps=int(ft["steps"][task]), batch_size=ft["batch_size"], lr=ft["lr"],
-            weight_decay=ft["weight_decay"], warmup=ft["warmup"], augment=ft["augment"], seed=seed + 1 + i)
+            weight_decay=ft["weight_decay"], warmup=ft["warmup"], augment=ft["augment"], seed=seed + 1 + i,
+            accelerator=accelerator)
     manifest = {
         "name": "mini8", "version": POOL_VERSION, "pool_hash": pool_key(recipe, data_manifest["version"]),
         "recipe": dict(recipe), "seed": seed, "tasks": taskpool.tasks, "data_version": data_manifest["version"],
@@ -55,7 +57,7 @@ def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest
     }
     save_pool(out_dir, clip, model_config(recipe["model"]), experts, heads, manifest)
     pool = load_pool(out_dir)
-    manifest.update(pool_report(pool, taskpool))
+    manifest.update(pool_report(pool, taskpool, "cuda" if accelerator == "gpu" else "cpu"))
     manifest["build_seconds"] = round(time.time() - start, 1)
     manifest["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*.safetensors"))}
     from fusion.utils import atomic_write_json
@@ -65,13 +67,16 @@ def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest
     return out_dir
 
 
-def pool_report(pool: ModelPool, taskpool) -> dict[str, Any]:
+def pool_report(pool: ModelPool, taskpool, device: str = "cpu") -> dict[str, Any]:
     """Accuracies (pretrained zero-shot and each expert on its task, val and test) and task-vector statistics."""
-    experts = {t: pool.expert_encoder(t) for t in pool.tasks}
+    experts = {t: pool.expert_encoder(t).to(device) for t in pool.tasks}
+    pool.heads.to(device)
     acc = {}
     for split in ("val", "test"):
-        acc[split] = {"pretrained": summarize(evaluate(pool.encoder, pool.heads, taskpool, split=split)),
-                      "individual": summarize(evaluate(experts, pool.heads, taskpool, split=split))}
+        acc[split] = {"pretrained": summarize(evaluate(pool.encoder.to(device), pool.heads, taskpool, split=split,
+                                                       device=device)),
+                      "individual": summarize(evaluate(experts, pool.heads, taskpool, split=split, device=device))}
+    pool.encoder.cpu(), pool.heads.cpu()
     stats = build.task_vector_stats(pool.pretrained_state(), pool.experts)
     return {"accuracy": acc, "task_vectors": stats}
 

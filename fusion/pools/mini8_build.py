@@ -48,29 +48,33 @@ def random_batches(dataset, batch_size: int, steps: int, seed: int) -> DataLoade
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_batched)
 
 
-def quiet_trainer(steps: int, seed: int) -> pl.Trainer:
-    """A CPU Trainer for the pool build: fixed steps, no checkpoints, loggers or progress bars."""
+def quiet_trainer(steps: int, seed: int, accelerator: str = "cpu") -> pl.Trainer:
+    """A Trainer for the pool build: fixed steps, one device, no checkpoints, loggers or progress bars."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    return pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    return pl.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
 
 
 class ConceptCaptions:
-    """Tokenised captions of every (task, class) concept: ``tokens[concept, template]``."""
+    """Tokenised captions of every concept: ``tokens[concept, caption]``.
+
+    A concept is a (task, class) pair and its captions are the task's templates filled with the class name
+    (every caption of a concept is a positive, UniCL-style). ``concept_of[task]`` maps labels to concept ids.
+    """
 
     def __init__(self, taskpool, tokenize):
-        self.offsets, tokens = {}, []
-        n_templates = max(len(taskpool.templates(t)) for t in taskpool.tasks)
+        captions: dict[str, list[str]] = {}
         for task in taskpool.tasks:
-            self.offsets[task] = sum(len(taskpool.classnames(t)) for t in list(self.offsets))
-            templates = list(taskpool.templates(task))
-            templates += templates[: n_templates - len(templates)] * n_templates  # pad by repeating
             for name in taskpool.classnames(task):
-                tokens.append(tokenize([t.format(name) for t in templates[:n_templates]]))
-        self.tokens = torch.stack(tokens)  # [concepts, templates, context]
+                captions[f"{task}/{name}"] = [t.format(name) for t in taskpool.templates(task)]
+        names = list(captions)
+        self.concept_of = {t: torch.tensor([names.index(f"{t}/{n}") for n in taskpool.classnames(t)])
+                           for t in taskpool.tasks}
+        width = max(len(c) for c in captions.values())
+        self.tokens = torch.stack([tokenize([c[i % len(c)] for i in range(width)]) for c in captions.values()])
 
     def sample(self, generator: torch.Generator) -> Tensor:
-        """One random template per concept: ``[concepts, context]``."""
+        """One random caption per concept: ``[concepts, context]``."""
         pick = torch.randint(self.tokens.shape[1], (self.tokens.shape[0],), generator=generator)
         return self.tokens[torch.arange(self.tokens.shape[0]), pick]
 
@@ -79,9 +83,9 @@ class ContrastivePretraining(pl.LightningModule):
     """Image → concept-caption contrastive pretraining of a whole CLIP (learnable logit scale)."""
 
     def __init__(self, clip: nn.Module, captions: ConceptCaptions, steps: int, lr: float, weight_decay: float,
-                 warmup: float, augment: bool, seed: int):
+                 warmup: float, augment: bool, seed: int, symmetric: bool = False):
         super().__init__()
-        self.clip, self.captions = clip, captions
+        self.clip, self.captions, self.symmetric = clip, captions, symmetric
         self.steps, self.lr, self.weight_decay, self.warmup, self.augment = steps, lr, weight_decay, warmup, augment
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -90,9 +94,15 @@ class ContrastivePretraining(pl.LightningModule):
         if self.augment:
             x = random_affine(x, self.gen)
         image = F.normalize(self.clip.encode_image(x), dim=-1)
-        text = F.normalize(self.clip.encode_text(self.captions.sample(self.gen)), dim=-1)
+        text = F.normalize(self.clip.encode_text(self.captions.sample(self.gen).to(x.device)), dim=-1)
         scale = self.clip.logit_scale.exp().clamp(max=100)
-        loss = F.cross_entropy(scale * image @ text.T, concept)
+        logits = scale * image @ text.T  # [B, concepts]
+        loss = F.cross_entropy(logits, concept)
+        if self.symmetric:  # caption -> image (UniCL): each present concept against the batch's images
+            present = torch.unique(concept)
+            positives = concept[None, :] == present[:, None]  # [P, B]
+            logp = F.log_softmax(logits.T[present], dim=-1)
+            loss = 0.5 * (loss - (torch.logsumexp(logp.masked_fill(~positives, float("-inf")), -1)).mean())
         self.log("pretrain/loss", loss)
         if self.global_step % 50 == 0:
             log.info("pretrain step %d/%d loss %.3f", self.global_step, self.steps, float(loss))
@@ -129,7 +139,7 @@ class ExpertFinetuning(pl.LightningModule):
         return [opt], [{"scheduler": warmup_cosine(opt, self.steps, self.warmup), "interval": "step"}]
 
 
-def pretraining_set(taskpool, fractions: Mapping[str, float], offsets: Mapping[str, int], seed: int):
+def pretraining_set(taskpool, fractions: Mapping[str, float], concept_of: Mapping[str, Tensor], seed: int):
     """Uneven, seeded fractions of each task's train split, labelled by global concept id."""
     gen = torch.Generator().manual_seed(seed)
     images, concepts = [], []
@@ -138,23 +148,23 @@ def pretraining_set(taskpool, fractions: Mapping[str, float], offsets: Mapping[s
         n = max(1, int(round(fractions[task] * len(ds))))
         idx = torch.randperm(len(ds), generator=gen)[:n]
         images.append(ds.images[idx])
-        concepts.append(ds.labels[idx] + offsets[task])
+        concepts.append(concept_of[task][ds.labels[idx]])
     return ImageTensorDataset(torch.cat(images), torch.cat(concepts), name="mini8/pretrain")
 
 
 def pretrain_clip(clip: nn.Module, taskpool, tokenize, *, fractions: Mapping[str, float], steps: int,
                   batch_size: int, lr: float, weight_decay: float, warmup: float, augment: bool,
-                  seed: int) -> nn.Module:
+                  seed: int, accelerator: str = "cpu", symmetric: bool = False) -> nn.Module:
     """Contrastively pretrain ``clip`` in place on the concept captions of ``taskpool``; returns it."""
     unknown = sorted(set(fractions) ^ set(taskpool.tasks))
     if unknown:
         raise KeyError(f"pretrain.fractions must name exactly the pool's tasks {taskpool.tasks}; mismatch: {unknown}")
     captions = ConceptCaptions(taskpool, tokenize)
-    data = pretraining_set(taskpool, fractions, captions.offsets, seed)
+    data = pretraining_set(taskpool, fractions, captions.concept_of, seed)
     log.info("pretraining on %d images, %d concepts, %d steps", len(data), captions.tokens.shape[0], steps)
-    module = ContrastivePretraining(clip, captions, steps, lr, weight_decay, warmup, augment, seed)
-    quiet_trainer(steps, seed).fit(module, random_batches(data, batch_size, steps, seed))
-    return clip.eval()
+    module = ContrastivePretraining(clip, captions, steps, lr, weight_decay, warmup, augment, seed, symmetric)
+    quiet_trainer(steps, seed, accelerator).fit(module, random_batches(data, batch_size, steps, seed))
+    return clip.cpu().eval()
 
 
 @torch.no_grad()
@@ -168,14 +178,15 @@ def zero_shot_heads(clip: nn.Module, taskpool, tokenize, max_logit_scale: float)
 
 def finetune_expert(encoder: nn.Module, heads: ZeroShotHeads, taskpool, task: str, *, steps: int,
                     batch_size: int, lr: float, weight_decay: float, warmup: float, augment: bool,
-                    seed: int) -> dict[str, Tensor]:
+                    seed: int, accelerator: str = "cpu") -> dict[str, Tensor]:
     """Fine-tune a copy of ``encoder`` on ``task``; returns its state dict (float32, detached)."""
     expert = copy.deepcopy(encoder).train()
     for p in expert.parameters():
         p.requires_grad_(True)
     module = ExpertFinetuning(expert, heads, task, steps, lr, weight_decay, warmup, augment, seed)
-    quiet_trainer(steps, seed).fit(module, random_batches(taskpool.dataset(task, "train"), batch_size, steps, seed))
-    return {k: v.detach().clone() for k, v in expert.state_dict().items()}
+    quiet_trainer(steps, seed, accelerator).fit(module, random_batches(taskpool.dataset(task, "train"), batch_size,
+                                                                       steps, seed))
+    return {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
 
 
 def task_vector_stats(pretrained: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""Sweep mini8 pool recipes (on a GPU if present) and report how each pool merges.
+
+    python benchmarks/pool_recipe_sweep.py --data DIR_WITH_MINI8 --out results.json
+
+For each recipe variant: pretrained zero-shot, experts, simple average, task arithmetic and TIES with λ (and k)
+chosen on val — test accuracy. Used to choose the mini8 recipe (decisions on val-tuned merges; see README).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "base": {},
+    "noaug_lr3e-3": {"pretrain.augment": False, "pretrain.lr": 3e-3},
+    "noaug_lr3e-3_ft1e-3": {"pretrain.augment": False, "pretrain.lr": 3e-3, "finetune.lr": 1e-3},
+    "noaug_lr3e-3_ft6e-4_x2": {"pretrain.augment": False, "pretrain.lr": 3e-3, "finetune.lr": 6e-4, "ft_scale": 2},
+    "noaug_400": {"pretrain.augment": False, "pretrain.lr": 3e-3, "pretrain.steps": 400, "finetune.lr": 6e-4},
+    "default": {},
+    "ft_x1.5": {"ft_scale": 1.5},
+    "aug": {"pretrain.augment": True},
+}
+
+
+def apply(recipe: dict, overrides: dict) -> dict:
+    r = copy.deepcopy(recipe)
+    for key, value in overrides.items():
+        if key == "ft_scale":
+            r["finetune"]["steps"] = {t: int(v * value) for t, v in r["finetune"]["steps"].items()}
+        elif key == "logit_init":
+            continue
+        elif "." in key:
+            a, b = key.split(".")
+            r[a][b] = value
+        else:
+            r[key] = value
+    return r
+
+
+def merges(pool, taskpool, device):
+    from fusion.evaluate import evaluate
+    from fusion.merge.combine import simple_average, task_arithmetic
+    from fusion.merge.ties import ties
+    from fusion.methods.static import merged_encoder
+
+    tv = pool.task_vectors()
+    pool.heads.to(device)
+
+    def acc(delta, split):
+        res = evaluate(merged_encoder(pool, delta).to(device), pool.heads, taskpool, split=split, device=device)
+        return sum(res.values()) / len(res), res
+
+    out = {"simple_average": acc(simple_average(tv), "test")[0]}
+    grid = {lam: acc(task_arithmetic(tv, lam), "val")[0] for lam in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)}
+    best = max(grid, key=grid.get)
+    out["ta_val_grid"], out["ta_best_lam"], out["ta_test"] = grid, best, acc(task_arithmetic(tv, best), "test")
+    tgrid = {(lam, k): acc(ties(tv, k=k, lam=lam), "val")[0] for lam in (0.1, 0.2, 0.3, 0.5, 0.7) for k in (0.1, 0.2)}
+    tb = max(tgrid, key=tgrid.get)
+    out["ties_best"], out["ties_test"] = tb, acc(ties(tv, k=tb[1], lam=tb[0]), "test")[0]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    args = p.parse_args()
+    from fusion.data.taskpool import mini8_taskpool
+    from fusion.pools.mini8 import build_pool
+    from fusion.pools.pool import load_pool
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    taskpool = mini8_taskpool(root=args.data, build=False)
+    base = yaml.safe_load((ROOT / "conf/modelpool/mini8.yaml").read_text())["recipe"]
+    results = {}
+    for name in args.variants:
+        recipe = apply(base, VARIANTS[name])
+        start = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            build_pool(Path(tmp) / "pool", taskpool, recipe, {"version": "mini8-v1"},
+                       accelerator="gpu" if gpu else "cpu")
+            pool = load_pool(Path(tmp) / "pool")
+            acc = pool.manifest["accuracy"]["test"]
+            row = {"recipe": recipe, "zero_shot": acc["pretrained"]["mean_accuracy"],
+                   "experts": acc["individual"]["mean_accuracy"],
+                   "experts_per_task": acc["individual"]["per_task"], "zs_per_task": acc["pretrained"]["per_task"],
+                   "tv_norms": pool.manifest["task_vectors"]["relative_norm"], **merges(pool, taskpool, device),
+                   "seconds": round(time.time() - start, 1)}
+        results[name] = row
+        print(name, json.dumps({k: row[k] for k in ("zero_shot", "experts", "simple_average", "ta_best_lam",
+                                                   "ties_test", "seconds")}),
+              "TA", round(row["ta_test"][0], 4), flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
