@@ -2,6 +2,7 @@
 
     python benchmarks/mini8_table.py                       # every method with its default config
     python benchmarks/mini8_table.py ties adamerging_layer_wise "adamerging_layer_wise method/init=task_arithmetic"
+    python benchmarks/mini8_table.py --table-only          # rewrite mini8.md from mini8.json
 
 Each argument is a method name followed by optional Hydra overrides (quoted). Runs go to
 benchmarks/results/runs/<slug>/ and the table to benchmarks/results/mini8.md (+ mini8.json). Test accuracy of the
@@ -30,7 +31,7 @@ DEFAULT = ["simple_average", "task_arithmetic", "ties", "dare", "della", "consen
 
 
 def slug(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.replace(" ", "__"))[:120]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.replace(" ", "__"))[:120]
 
 
 def run(spec: str, out_root: Path) -> dict:
@@ -47,7 +48,8 @@ def run(spec: str, out_root: Path) -> dict:
 
 def main(argv: list[str]) -> None:
     out_root = ROOT / "benchmarks" / "results"
-    specs = argv or DEFAULT
+    table_only = "--table-only" in argv
+    specs = [] if table_only else ([a for a in argv if a != "--table-only"] or DEFAULT)
     table_path = out_root / "mini8.json"
     rows = json.loads(table_path.read_text()) if table_path.is_file() else {}
     for spec in specs:
