@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.routed_throughput import base_encoder, image_size, reset_peak, rss_kib, task_vectors  # noqa: E402
+from benchmarks.routed_throughput import base_encoder, image_size, phase_peak, rss_kib, run_child, task_vectors  # noqa: E402
 
 METHODS = ("adamerging", "concrete_ta", "concrete_adamerging", "concrete_adamerging_bilevel")
 
@@ -134,23 +132,13 @@ def memory(model_name: str, name: str, k: int, batch: int) -> dict:
     tv = task_vectors(encoder, k)
     step = make_step(name, build(name, encoder, tv).train(), data)
     del tv
-    gc.collect()
-    resident = rss_kib("VmRSS") or 0
-    has_reset = reset_peak()
-    step()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    phase = rss_kib("VmHWM") if has_reset else peak
+    resident, peak, phase = phase_peak(lambda: (step(), step()))
     return {"peak_rss_mib": peak / 1024, "baseline_mib": baseline / 1024, "resident_mib": resident / 1024,
             "train_peak_mib": phase / 1024, "train_extra_mib": (phase - baseline) / 1024}
 
 
 def memory_child(model_name: str, name: str, k: int, batch: int, threads: int) -> dict:
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads({threads});"
-            f"from benchmarks.concrete_memory import memory;"
-            f"print(json.dumps(memory({model_name!r}, {name!r}, {k}, {batch})))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=900)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_child("concrete_memory", f"memory({model_name!r}, {name!r}, {k}, {batch})", threads)
 
 
 def print_table(result: dict, methods) -> None:

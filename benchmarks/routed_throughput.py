@@ -108,6 +108,25 @@ def reset_peak() -> bool:
         return False
 
 
+def phase_peak(run) -> tuple[int, int, int]:
+    """Run ``run()`` after resetting the peak-RSS counter; returns (resident, process peak, phase peak) in KiB."""
+    gc.collect()
+    resident = rss_kib("VmRSS") or 0
+    has_reset = reset_peak()
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return resident, peak, (rss_kib("VmHWM") if has_reset else peak)
+
+
+def run_child(module: str, call: str, threads: int) -> dict:
+    """``benchmarks.<module>.<call>`` in a fresh Python process (its own peak RSS); returns its JSON result."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads({threads});"
+            f"from benchmarks import {module};"
+            f"print(json.dumps({module}.{call}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=900)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def memory(model_name: str, which: str, k: int, batch: int) -> dict:
     """Run in a fresh process: build ``which`` ("plain" or a routed factory), free the experts, one forward."""
     import fusion.merge.task_vectors  # noqa: F401  (imports before the baseline)
@@ -118,23 +137,13 @@ def memory(model_name: str, which: str, k: int, batch: int) -> dict:
     gc.collect()
     baseline = rss_kib("VmRSS") or 0
     model = encoder if which == "plain" else routed_models(encoder, k, (which,))[which]
-    gc.collect()
-    resident = rss_kib("VmRSS") or 0
-    has_reset = reset_peak()
-    with torch.no_grad():
-        model(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    phase = rss_kib("VmHWM") if has_reset else peak
+    resident, peak, phase = phase_peak(torch.no_grad()(lambda: model(x)))
     return {"peak_rss_mib": peak / 1024, "baseline_mib": baseline / 1024, "resident_mib": resident / 1024,
             "inference_peak_mib": phase / 1024, "inference_extra_mib": (phase - baseline) / 1024}
 
 
 def memory_child(model_name: str, which: str, k: int, batch: int, threads: int) -> dict:
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import torch; torch.set_num_threads({threads});"
-            f"from benchmarks.routed_throughput import memory;"
-            f"print(json.dumps(memory({model_name!r}, {which!r}, {k}, {batch})))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=900)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_child("routed_throughput", f"memory({model_name!r}, {which!r}, {k}, {batch})", threads)
 
 
 def print_table(result: dict) -> None:
