@@ -2,14 +2,18 @@
 
     python benchmarks/mini8_table.py                       # every method with its default config
     python benchmarks/mini8_table.py ties adamerging_layer_wise "adamerging_layer_wise method/init=task_arithmetic"
+    python benchmarks/mini8_table.py --threads 1 dare pcb  # torch threads per run (not part of the row's name)
     python benchmarks/mini8_table.py --table-only          # rewrite mini8.md from mini8.json
 
-Each argument is a method name followed by optional Hydra overrides (quoted). Runs go to
-benchmarks/results/runs/<slug>/ and the table to benchmarks/results/mini8.md (+ mini8.json). Test accuracy of the
+Each argument is a method name followed by optional Hydra overrides (quoted). Several invocations may run at once
+(e.g. two with ``--threads 1`` on a 2-core machine): each row is merged into mini8.json under a file lock, and the
+table refuses rows from different pools. Runs go to benchmarks/results/runs/<slug>/ and the table to benchmarks/results/mini8.md (+ mini8.json). Test accuracy of the
 merged model; hyperparameters tuned on val where the method tunes; TTA methods adapt on unlabeled test images.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import re
 import sys
@@ -34,31 +38,62 @@ def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.replace(" ", "__"))[:120]
 
 
-def run(spec: str, out_root: Path) -> dict:
+def run(spec: str, out_root: Path, threads: int | None = None) -> dict:
     method, *overrides = spec.split()
     out = out_root / "runs" / slug(spec)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={method}", *overrides, f"output_dir={out}", "logger=none",
-                                           "print_table=false", "trainer.enable_progress_bar=false"])
+                                           "print_table=false", "trainer.enable_progress_bar=false",
+                                           *([f"num_threads={threads}"] if threads else [])])
     start = time.time()
     results = train(cfg)
     results["bench_seconds"] = round(time.time() - start, 1)
     return results
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on ``path`` + ``.lock`` (rows written by concurrent invocations are merged, not lost)."""
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_rows(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv: list[str]) -> None:
     out_root = ROOT / "benchmarks" / "results"
+    threads = None
+    if "--threads" in argv:  # --threads N: torch threads per run (not part of the row's name)
+        i = argv.index("--threads")
+        threads, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
     table_only = "--table-only" in argv
     specs = [] if table_only else ([a for a in argv if a != "--table-only"] or DEFAULT)
     table_path = out_root / "mini8.json"
-    rows = json.loads(table_path.read_text()) if table_path.is_file() else {}
     for spec in specs:
-        res = run(spec, out_root)
-        rows[spec] = {"per_task": res["per_task"], "mean_accuracy": res["mean_accuracy"], "protocol": res["protocol"],
-                      "method_info": res["method_info"], "seconds": res["bench_seconds"],
-                      "reference": res["reference"], "pool_hash": res["pool_hash"]}
-        atomic_write_json(table_path, rows)
+        res = run(spec, out_root, threads)
+        row = {"per_task": res["per_task"], "mean_accuracy": res["mean_accuracy"], "protocol": res["protocol"],
+               "method_info": res["method_info"], "seconds": res["bench_seconds"], "threads": threads,
+               "reference": res["reference"], "pool_hash": res["pool_hash"]}
+        with locked(table_path):
+            rows = read_rows(table_path)
+            rows[spec] = row
+            atomic_write_json(table_path, rows)
         print(f"{spec}: {100 * res['mean_accuracy']:.1f} ({res['bench_seconds']} s)", flush=True)
+    with locked(table_path):
+        rows = read_rows(table_path)
+    if not rows:
+        raise SystemExit(f"no rows in {table_path}: run some methods first")
+    hashes = {r["pool_hash"] for r in rows.values()}
+    if len(hashes) > 1:
+        stale = {spec: r["pool_hash"] for spec, r in rows.items()}
+        raise SystemExit(f"{table_path} mixes rows from pools {sorted(hashes)}: {stale}; delete the stale rows "
+                         "(or the file) and re-run them on one pool")
     first = next(iter(rows.values()))
     tasks = list(first["per_task"])
     table = {"pretrained (zero-shot)": first["reference"]["pretrained"]["per_task"]}

@@ -21,22 +21,45 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+NOAUG = {"pretrain.augment": False}
 VARIANTS = {
     "base": {},
-    "noaug_lr3e-3": {"pretrain.augment": False, "pretrain.lr": 3e-3},
-    "noaug_lr3e-3_ft1e-3": {"pretrain.augment": False, "pretrain.lr": 3e-3, "finetune.lr": 1e-3},
-    "noaug_lr3e-3_ft6e-4_x2": {"pretrain.augment": False, "pretrain.lr": 3e-3, "finetune.lr": 6e-4, "ft_scale": 2},
-    "noaug_400": {"pretrain.augment": False, "pretrain.lr": 3e-3, "pretrain.steps": 400, "finetune.lr": 6e-4},
-    "default": {},
-    "ft_x1.5": {"ft_scale": 1.5},
-    "aug": {"pretrain.augment": True},
+    "noaug400": {**NOAUG, "pretrain.steps": 400},
+    "noaug400_ft6e-4": {**NOAUG, "pretrain.steps": 400, "finetune.lr": 6e-4},
+    "noaug400_f2_ft6e-4": {**NOAUG, "pretrain.steps": 400, "frac_scale": 2, "finetune.lr": 6e-4},
+    "noaug400_f2_ft1e-3": {**NOAUG, "pretrain.steps": 400, "frac_scale": 2, "finetune.lr": 1e-3},
+    "noaug400_f3_ft6e-4": {**NOAUG, "pretrain.steps": 400, "frac_scale": 3, "finetune.lr": 6e-4},
+    "noaug400_f2_lr1e-3_ft6e-4": {**NOAUG, "pretrain.steps": 400, "frac_scale": 2, "pretrain.lr": 1e-3,
+                                  "finetune.lr": 6e-4},
+    "noaug400_f2_sym_ft6e-4": {**NOAUG, "pretrain.steps": 400, "frac_scale": 2, "pretrain.symmetric": True,
+                               "finetune.lr": 6e-4},
+    "noaug800_f2_ft6e-4": {**NOAUG, "pretrain.steps": 800, "frac_scale": 2, "finetune.lr": 6e-4},
 }
+SYM = {**NOAUG, "pretrain.steps": 400, "pretrain.symmetric": True}
+B64 = {"finetune.batch_size": 64, "ft_scale": 2}
+VARIANTS.update({
+    "lr1e-3_sym_f1_ft1e-3": {**SYM, "pretrain.lr": 1e-3, "finetune.lr": 1e-3},
+    "lr1e-3_sym_f2_ft1e-3": {**SYM, "pretrain.lr": 1e-3, "frac_scale": 2, "finetune.lr": 1e-3},
+    "lr5e-4_sym_f2_ft1e-3": {**SYM, "pretrain.lr": 5e-4, "frac_scale": 2, "finetune.lr": 1e-3},
+    "lr1e-3_sym_f2_ft6e-4_b64x2": {**SYM, "pretrain.lr": 1e-3, "frac_scale": 2, "finetune.lr": 6e-4, **B64},
+    "lr1e-3_sym_f1_ft1e-3_b64x2": {**SYM, "pretrain.lr": 1e-3, "finetune.lr": 1e-3, **B64},
+    "lr1e-3_sym_f2_ft1e-3_b64x2": {**SYM, "pretrain.lr": 1e-3, "frac_scale": 2, "finetune.lr": 1e-3, **B64},
+    "lr5e-4_sym_f1_ft1e-3_b64x2": {**SYM, "pretrain.lr": 5e-4, "finetune.lr": 1e-3, **B64},
+    "lr1e-3_sym_f1_ft6e-4_b64x2": {**SYM, "pretrain.lr": 1e-3, "finetune.lr": 6e-4, **B64},
+    "lr1e-3_sym_f1.5_ft6e-4_b64x2": {**SYM, "pretrain.lr": 1e-3, "frac_scale": 1.5, "finetune.lr": 6e-4, **B64},
+    "lr1e-3_sym_f1.5_ft6e-4_b64x3": {**SYM, "pretrain.lr": 1e-3, "frac_scale": 1.5, "finetune.lr": 6e-4,
+                                     "finetune.batch_size": 64, "ft_scale": 3},
+    "lr1e-3_sym_f1_ft8e-4_b64x3": {**SYM, "pretrain.lr": 1e-3, "finetune.lr": 8e-4, "finetune.batch_size": 64,
+                                   "ft_scale": 3},
+})
 
 
 def apply(recipe: dict, overrides: dict) -> dict:
     r = copy.deepcopy(recipe)
     for key, value in overrides.items():
-        if key == "ft_scale":
+        if key == "frac_scale":
+            r["pretrain"]["fractions"] = {t: min(1.0, v * value) for t, v in r["pretrain"]["fractions"].items()}
+        elif key == "ft_scale":
             r["finetune"]["steps"] = {t: int(v * value) for t, v in r["finetune"]["steps"].items()}
         elif key == "logit_init":
             continue
@@ -76,6 +99,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--smoke", action="store_true", help="a few steps per stage (checks the script runs)")
     args = p.parse_args()
     from fusion.data.taskpool import mini8_taskpool
     from fusion.pools.mini8 import build_pool
@@ -88,6 +112,8 @@ def main() -> None:
     results = {}
     for name in args.variants:
         recipe = apply(base, VARIANTS[name])
+        if args.smoke:
+            recipe = apply(recipe, {"pretrain.steps": 2, "ft_scale": 0.05})
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             build_pool(Path(tmp) / "pool", taskpool, recipe, {"version": "mini8-v1"},

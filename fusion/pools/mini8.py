@@ -22,7 +22,7 @@ from fusion.utils import configure_threads, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
-POOL_VERSION = "mini8-pool-v1"
+POOL_VERSION = "mini8-pool-v2"
 
 
 def pool_key(recipe: Mapping[str, Any], data_version: str) -> str:

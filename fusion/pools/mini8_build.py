@@ -79,6 +79,22 @@ class ConceptCaptions:
         return self.tokens[torch.arange(self.tokens.shape[0]), pick]
 
 
+def concept_contrastive_loss(logits: Tensor, concept: Tensor, symmetric: bool = False) -> Tensor:
+    """Contrastive loss of images against concept captions; ``logits [B, concepts]``, ``concept [B]``.
+
+    Image → caption: cross-entropy over every concept's caption. With ``symmetric``, averaged with caption → image
+    (UniCL): for each concept present in the batch, ``−log Σ_{i ∈ concept} softmax_i(logits[:, concept])`` over the
+    batch's images (every image of the concept is a positive), averaged over the present concepts.
+    """
+    loss = F.cross_entropy(logits, concept)
+    if not symmetric:
+        return loss
+    present = torch.unique(concept)
+    positives = concept[None, :] == present[:, None]  # [P, B]
+    logp = F.log_softmax(logits.T[present], dim=-1)
+    return 0.5 * (loss - (torch.logsumexp(logp.masked_fill(~positives, float("-inf")), -1)).mean())
+
+
 class ContrastivePretraining(pl.LightningModule):
     """Image → concept-caption contrastive pretraining of a whole CLIP (learnable logit scale)."""
 
@@ -96,13 +112,7 @@ class ContrastivePretraining(pl.LightningModule):
         image = F.normalize(self.clip.encode_image(x), dim=-1)
         text = F.normalize(self.clip.encode_text(self.captions.sample(self.gen).to(x.device)), dim=-1)
         scale = self.clip.logit_scale.exp().clamp(max=100)
-        logits = scale * image @ text.T  # [B, concepts]
-        loss = F.cross_entropy(logits, concept)
-        if self.symmetric:  # caption -> image (UniCL): each present concept against the batch's images
-            present = torch.unique(concept)
-            positives = concept[None, :] == present[:, None]  # [P, B]
-            logp = F.log_softmax(logits.T[present], dim=-1)
-            loss = 0.5 * (loss - (torch.logsumexp(logp.masked_fill(~positives, float("-inf")), -1)).mean())
+        loss = concept_contrastive_loss(scale * image @ text.T, concept, self.symmetric)
         self.log("pretrain/loss", loss)
         if self.global_step % 50 == 0:
             log.info("pretrain step %d/%d loss %.3f", self.global_step, self.steps, float(loss))
