@@ -88,3 +88,19 @@ def test_cli_cfg_job_and_multirun(tiny_dirs, tmp_path):
     subprocess.run(args, capture_output=True, text=True, check=True)
     methods = sorted(json.loads(p.read_text())["method"] for p in tmp_path.glob("*/results.json"))
     assert methods == ["simple_average", "task_arithmetic"]
+
+
+def test_mini8_pool_keeps_the_apps_thread_setting(tmp_path: Path) -> None:
+    """The app sets ``num_threads`` before instantiating the pool; the pool loader must not reset it."""
+    import torch
+
+    from fusion.pools.mini8 import mini8_pool
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(FileNotFoundError):
+            mini8_pool({"seed": 0}, root=str(tmp_path / "absent"), build_if_missing=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -346,3 +346,21 @@ def test_app_runs_routed_methods(tiny_dirs, tmp_path, method):
         assert "cross_entropy on the labeled val split" in res["protocol"]
     assert (tmp_path / "merge_parameters.safetensors").is_file()
     assert (tmp_path / "routing.png").stat().st_size > 1000
+
+
+def test_routing_matrix_reads_the_first_images_of_each_task(tiny_pool, tiny_taskpool):
+    from fusion.param.routed import routing_matrix
+
+    model = randomize_routers(wemoe(tiny_pool.encoder, tiny_pool.task_vectors())).eval()
+    sub = routing_matrix(model, tiny_taskpool, tiny_pool.tasks, max_images=4)
+    full = routing_matrix(model, tiny_taskpool, tiny_pool.tasks, max_images=None)
+    expected = []
+    with torch.no_grad(), model.collect_routing() as rec:
+        for task in tiny_pool.tasks:
+            rec.clear()
+            data = tiny_taskpool.dataset(task, "test")
+            x = torch.stack([data[i][0] for i in range(4)])
+            model(x)
+            expected.append(torch.stack([w.mean(0) for w in rec.per_block().values()]).mean(0))
+    assert torch.allclose(sub, torch.stack(expected), atol=1e-6)
+    assert not torch.allclose(sub, full, atol=1e-6)  # the full split gives another mean

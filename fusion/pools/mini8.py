@@ -83,13 +83,18 @@ def pool_report(pool: ModelPool, taskpool, device: str = "cpu") -> dict[str, Any
 
 def mini8_pool(recipe: Mapping[str, Any], root: str | None = None, build_if_missing: bool = True,
                tasks: list[str] | None = None, taskpool=None, num_threads: int | None = None) -> ModelPool:
-    """Load the mini8 pool for ``recipe`` from the cache, building it (and the data) first if needed."""
+    """Load the mini8 pool for ``recipe`` from the cache, building it (and the data) first if needed.
+
+    ``num_threads``: set torch's threads first; ``None`` keeps the current setting (the app sets it from the
+    top-level ``num_threads``; resetting it here would undo a user's ``num_threads=1``).
+    """
     from omegaconf import DictConfig, OmegaConf
 
     from fusion.data.mini8 import build_mini8, read_manifest
     from fusion.data.taskpool import mini8_taskpool
 
-    configure_threads(num_threads)
+    if num_threads is not None:
+        configure_threads(num_threads)
     if isinstance(recipe, DictConfig):
         recipe = OmegaConf.to_container(recipe, resolve=True)
     data_root = build_mini8(fetch=True) if build_if_missing else None
