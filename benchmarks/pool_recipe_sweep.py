@@ -61,8 +61,6 @@ def apply(recipe: dict, overrides: dict) -> dict:
             r["pretrain"]["fractions"] = {t: min(1.0, v * value) for t, v in r["pretrain"]["fractions"].items()}
         elif key == "ft_scale":
             r["finetune"]["steps"] = {t: int(v * value) for t, v in r["finetune"]["steps"].items()}
-        elif key == "logit_init":
-            continue
         elif "." in key:
             a, b = key.split(".")
             r[a][b] = value
