@@ -4,6 +4,8 @@
 
 For each recipe variant: pretrained zero-shot, experts, simple average, task arithmetic and TIES with λ (and k)
 chosen on val — test accuracy. Used to choose the mini8 recipe (decisions on val-tuned merges; see README).
+Variants are overrides of the recipe in conf/modelpool/mini8.yaml at run time: the recorded sweep
+(benchmarks/results/pool_recipe_sweep.json) ran them on recipe v1, and stores each variant's full recipe.
 """
 from __future__ import annotations
 
