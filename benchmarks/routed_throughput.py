@@ -1,6 +1,7 @@
 """Routed-merge evaluation throughput on CPU: WEMoE, sparse WEMoE and SMEAR versus one plain model, and peak memory.
 
     python benchmarks/routed_throughput.py [--model fusion-mini8-vit] [--batch 256] [--repeats 5] [--threads 1]
+        [--device cpu|cuda] [--form auto|experts|weights]   # GPU: --model ViT-B-32 --device cuda --parts throughput
         [--parts throughput memory]   # one part alone keeps the other from --out (two shorter runs)
 
 *Throughput*: images/s of a forward pass only (``torch.no_grad``, eval mode, so every sample is routed to its own
@@ -60,29 +61,41 @@ def task_vectors(encoder, k: int) -> dict:
     return stack_task_vectors(base, experts)
 
 
-def routed_models(encoder, k: int, names=ROUTED) -> dict:
+def routed_models(encoder, k: int, names=ROUTED, form: str = "auto") -> dict:
     from fusion.param import routed
 
     tv = task_vectors(encoder, k)
-    return {name: getattr(routed, name)(encoder, tv, init=0.3).eval() for name in names}
+    return {name: getattr(routed, name)(encoder, tv, init=0.3, form=form).eval() for name in names}
 
 
-def throughput(model_name: str, batch: int, repeats: int, ks=KS) -> dict:
+def timed(model, x: torch.Tensor) -> float:
+    """Seconds of one forward (CUDA: synchronised before and after)."""
+    cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(x)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def throughput(model_name: str, batch: int, repeats: int, ks=KS, device: str = "cpu", form: str = "auto") -> dict:
     encoder = base_encoder(model_name)
     size = image_size(encoder)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+    encoder.to(device)
     out = {}
     for k in ks:
-        models = {"plain": encoder, **routed_models(encoder, k)}
+        models = {"plain": encoder, **{n: m.to(device) for n, m in routed_models(encoder.cpu(), k, form=form).items()}}
+        encoder.to(device)
         times = {name: [] for name in models}
         with torch.no_grad():
             for m in models.values():
                 m(x)  # warm-up
             for _ in range(repeats):
                 for name, m in models.items():
-                    start = time.perf_counter()
-                    m(x)
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(timed(m, x))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"images_per_s": {name: batch / t for name, t in med.items()},
                "ratio_to_plain": {name: med["plain"] / med[name] for name in ROUTED}}
@@ -174,6 +187,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (parent and children)")
     p.add_argument("--ks", type=int, nargs="+", default=list(KS))
+    p.add_argument("--device", default="cpu", help="throughput part only (cpu | cuda); memory is CPU RSS")
+    p.add_argument("--form", default="auto", choices=("auto", "experts", "weights"),
+                   help="the routed linear's form (fusion.param.routers.routed_linear)")
     p.add_argument("--parts", nargs="+", choices=("throughput", "memory"), default=["throughput", "memory"],
                    help="measure only these; the other part is kept from --out if it was written for the same "
                         "model and batch")
@@ -182,14 +198,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     result = {"model": args.model, "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "form": args.form,
               "target_ratio": 0.5}
     if set(args.parts) != {"throughput", "memory"} and out.is_file():
         old = json.loads(out.read_text())
         if (old.get("model"), old.get("batch")) == (args.model, args.batch):
-            result = {**old, **{key: result[key] for key in ("model", "batch", "threads")}}
+            result = {**old, **{key: result[key] for key in ("model", "batch", "threads", "device", "form")}}
     if "throughput" in args.parts:
         result["repeats"] = args.repeats
-        result["throughput"] = throughput(args.model, args.batch, args.repeats, args.ks)
+        result["throughput"] = throughput(args.model, args.batch, args.repeats, args.ks, args.device, args.form)
     if "memory" in args.parts:
         plain_mem = memory_child(args.model, "plain", 0, args.batch, args.threads)
         result["memory"] = {"plain": plain_mem}

@@ -14,7 +14,8 @@ from fusion.merge.task_vectors import stack_task_vectors
 from fusion.param.merged import InputDependentError
 from fusion.param.routed import (RoutedEncoder, load_routed, prune_per_tensor, save_routed, smear, sparse_wemoe,
                                  wemoe)
-from fusion.param.routers import (SMEARRouter, expert_dropout, routed_linear, routed_linear_experts,
+from fusion.param import routers
+from fusion.param.routers import (SMEARRouter, auto_form, expert_dropout, routed_linear, routed_linear_experts,
                                   routed_linear_weights)
 from fusion.train.module import MergeTraining
 from fusion.train.objectives import entropy
@@ -101,6 +102,23 @@ def test_routed_linear_forms_equal_a_per_sample_loop(shared):
         assert torch.allclose(form(x, w0, b0, tw, tb, r), loop, atol=1e-12)
         assert torch.allclose(form(x, w0, None, tw, None, r),
                               loop - (b0 + r @ tb).expand(b, d_out)[:, None, :], atol=1e-12)
+
+
+def test_weights_form_in_chunks_equals_one_chunk_and_auto_picks_by_device(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    b, t, d_in, d_out, k = 5, 3, 4, 6, 2
+    x, w0, b0 = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((b, t, d_in), (d_out, d_in), (d_out,)))
+    tw, tb = torch.randn(k, d_out, d_in, generator=gen, dtype=torch.float64), torch.randn(k, d_out, dtype=torch.float64)
+    r = torch.randn(b, k, generator=gen, dtype=torch.float64)
+    whole = routed_linear_weights(x, w0, b0, tw, tb, r)
+    monkeypatch.setattr(routers, "MAX_WEIGHT_NUMEL", 2 * d_out * d_in)  # chunks of 2, 2 and 1 samples
+    chunked = routed_linear_weights(x, w0, b0, tw, tb, r)
+    assert chunked.shape == (b, t, d_out) and torch.allclose(chunked, whole, atol=1e-12)
+    assert torch.allclose(chunked, routed_linear_experts(x, w0, b0, tw, tb, r), atol=1e-12)
+    # CPU: expert outputs while tokens x experts is small, per-sample weights above; one r: a single merged weight
+    assert auto_form(x, tw, r) == "experts"
+    assert auto_form(torch.zeros(b, routers.EXPERTS_MAX_TK, d_in), tw, r) == "weights"
+    assert auto_form(x, tw, r[:1]) == "weights"
 
 
 def test_batched_routing_equals_per_sample_loop_and_explicit_merge(tiny_pool):
