@@ -67,3 +67,36 @@ def test_preprocess_and_init_composition(tiny_pool, tiny_taskpool, tmp_path):
     theta0 = tiny_pool.pretrained_state()
     for name, t in expected.items():
         assert torch.allclose(merged[name], theta0[name] + init * t.sum(0), atol=1e-6)
+
+
+def config_names(group: str) -> list[str]:
+    from pathlib import Path
+
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["method", "modelpool", "taskpool", "trainer", "logger"])
+def test_every_config_file_composes_and_instantiates_its_method(group):
+    names = config_names(group)
+    assert names, group
+    for name in names:
+        cfg = compose_method(f"{group}={name}") if group == "method" else None
+        if group == "method":
+            method = instantiate(cfg)
+            assert method.name == cfg.name, name
+        else:
+            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+                assert compose("config", overrides=[f"{group}={name}"])[group] is not None, name
+
+
+LEARNED = ["adamerging_task_wise", "adamerging_layer_wise", "adamerging_pp_task_wise", "adamerging_pp_layer_wise",
+           "concrete_task_arithmetic", "concrete_adamerging_task_wise", "concrete_adamerging_layer_wise", "wemoe",
+           "sparse_wemoe", "smear"]
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_every_learned_method_takes_its_initial_lambda_from_a_static_merge(name):
+    assert set(LEARNED) <= set(config_names("method"))
+    assert compose_method(f"method={name}").init == 0.3  # METHODS.md default
+    method = instantiate(compose_method(f"method={name}", "method/init=task_arithmetic"))
+    assert method.init.name == "task_arithmetic" and method.init.tune is not None
