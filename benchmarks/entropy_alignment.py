@@ -44,17 +44,14 @@ def task_stats(encoder, heads, dataset, task: str, batch_size: int = 512) -> dic
 
 def merged_encoder(pool, lambdas: torch.Tensor, names: list[str] | None = None):
     """``θ0 + Σ_k λ_k τ_k`` (``lambdas [K]``) or layer-wise (``lambdas [K, tensors]`` in the order of ``names``)."""
+    from fusion.merge.combine import combine
+    from fusion.merge.task_vectors import add_delta
+
     tv = pool.task_vectors()
-    state = pool.pretrained_state()
-    merged = {}
-    for key, theta in state.items():
-        if key not in tv or not theta.is_floating_point():
-            merged[key] = theta
-            continue
-        lam = lambdas if lambdas.dim() == 1 else lambdas[:, names.index(key)]
-        merged[key] = theta + torch.tensordot(lam.to(tv[key].dtype), tv[key], dims=1)
+    if lambdas.dim() == 2:
+        lambdas = lambdas[:, [names.index(key) for key in tv]]
     encoder = copy.deepcopy(pool.encoder)
-    encoder.load_state_dict(merged)
+    encoder.load_state_dict(add_delta(pool.pretrained_state(), combine(tv, lambdas)))
     return encoder.eval()
 
 

@@ -21,6 +21,7 @@ one run; absolute times vary several-fold on shared CPUs.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import resource
@@ -81,14 +82,13 @@ def timed(model, x: torch.Tensor) -> float:
 
 
 def throughput(model_name: str, batch: int, repeats: int, ks=KS, device: str = "cpu", form: str = "auto") -> dict:
-    encoder = base_encoder(model_name)
+    encoder = base_encoder(model_name)  # stays on the CPU: the routed models are built from it
+    plain = copy.deepcopy(encoder).to(device)
     size = image_size(encoder)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
-    encoder.to(device)
     out = {}
     for k in ks:
-        models = {"plain": encoder, **{n: m.to(device) for n, m in routed_models(encoder.cpu(), k, form=form).items()}}
-        encoder.to(device)
+        models = {"plain": plain, **{n: m.to(device) for n, m in routed_models(encoder, k, form=form).items()}}
         times = {name: [] for name in models}
         with torch.no_grad():
             for m in models.values():

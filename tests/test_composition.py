@@ -80,13 +80,11 @@ def test_every_config_file_composes_and_instantiates_its_method(group):
     names = config_names(group)
     assert names, group
     for name in names:
-        cfg = compose_method(f"{group}={name}") if group == "method" else None
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose("config", overrides=[f"{group}={name}"])[group]
+        assert cfg is not None, name
         if group == "method":
-            method = instantiate(cfg)
-            assert method.name == cfg.name, name
-        else:
-            with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-                assert compose("config", overrides=[f"{group}={name}"])[group] is not None, name
+            assert instantiate(cfg).name == cfg.name, name
 
 
 LEARNED = ["adamerging_task_wise", "adamerging_layer_wise", "adamerging_pp_task_wise", "adamerging_pp_layer_wise",
