@@ -2,7 +2,7 @@
 
     python benchmarks/routed_throughput.py [--model fusion-mini8-vit] [--batch 256] [--repeats 5] [--threads 1]
         [--device cpu|cuda] [--form auto|experts|weights]   # GPU: --model ViT-B-32 --device cuda --parts throughput
-        [--parts throughput memory]   # one part alone keeps the other from --out (two shorter runs)
+        [--parts throughput memory linear]   # a subset keeps the other parts from --out (shorter runs)
 
 *Throughput*: images/s of a forward pass only (``torch.no_grad``, eval mode, so every sample is routed to its own
 merged MLP weights) at ``--batch`` images of the model's size, for K = 2, 4, 8 experts, against ONE plain model (the
@@ -15,6 +15,9 @@ and the expert dicts freed, ``inference_peak_mib`` the peak during one forward a
 ``/proc/self/clear_refs`` before it; equals ``peak_rss_mib`` where the kernel refuses the reset), and
 ``inference_extra_mib`` that peak minus ``baseline_mib``, the RSS after the imports, the encoder and the input
 batch exist (≈1 GiB of it is libraries, which all variants share).
+*Linear*: where the time goes, on one routed linear of the model's first MLP (``c_fc``: tokens ``[batch, T, d]``):
+a plain ``F.linear`` against ``torch.bmm`` over the batch in the ``"weights"`` form's chunks, all reading ONE chunk
+of weights built beforehand (still in cache: the floor of that form, building excluded), and each form in full, for K = 2, 4, 8 (median ms, interleaved like the throughput).
 Random weights (no pool needed); K seeded perturbations ``θ_0 + 0.01·ε`` are the experts. Ratios are measured in
 one run; absolute times vary several-fold on shared CPUs.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import resource
@@ -69,13 +73,12 @@ def routed_models(encoder, k: int, names=ROUTED, form: str = "auto") -> dict:
     return {name: getattr(routed, name)(encoder, tv, init=0.3, form=form).eval() for name in names}
 
 
-def timed(model, x: torch.Tensor) -> float:
-    """Seconds of one forward (CUDA: synchronised before and after)."""
-    cuda = x.is_cuda
+def timed(run, cuda: bool) -> float:
+    """Seconds of one ``run()`` (CUDA: synchronised before and after)."""
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model(x)
+    run()
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -95,7 +98,7 @@ def throughput(model_name: str, batch: int, repeats: int, ks=KS, device: str = "
                 m(x)  # warm-up
             for _ in range(repeats):
                 for name, m in models.items():
-                    times[name].append(timed(m, x))
+                    times[name].append(timed(functools.partial(m, x), x.is_cuda))
         med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"images_per_s": {name: batch / t for name, t in med.items()},
                "ratio_to_plain": {name: med["plain"] / med[name] for name in ROUTED}}
@@ -103,6 +106,40 @@ def throughput(model_name: str, batch: int, repeats: int, ks=KS, device: str = "
         print(f"K={k}  " + "  ".join(f"{n} {v:.0f} img/s" for n, v in row["images_per_s"].items()), flush=True)
         del models
         gc.collect()
+    return out
+
+
+def linear_parts(model_name: str, batch: int, repeats: int, ks=KS, device: str = "cpu") -> dict:
+    """Median ms of one routed ``c_fc`` linear: plain, ``bmm`` on cached prebuilt weights, and the two forms."""
+    import torch.nn.functional as F
+
+    from fusion.param.routers import routed_linear_experts, routed_linear_weights, weights_chunk
+
+    encoder = base_encoder(model_name)
+    fc = encoder.transformer.resblocks[0].mlp.c_fc
+    gen = torch.Generator().manual_seed(3)
+    tokens = (image_size(encoder) // encoder.conv1.kernel_size[0]) ** 2 + 1
+    x = torch.randn(batch, tokens, fc.in_features, generator=gen).to(device)
+    w0, b0 = fc.weight.detach().to(device), fc.bias.detach().to(device)
+    out = {}
+    for k in ks:
+        tw = (0.01 * torch.randn(k, *w0.shape, generator=gen)).to(device)
+        r = torch.randn(batch, k, generator=gen).to(device)
+        chunk = weights_chunk(x, w0)
+        built = (w0.T + torch.einsum("bk,kio->bio", r[:chunk], tw.transpose(1, 2))).contiguous()
+        runs = {"plain": lambda: F.linear(x, w0, b0),
+                "bmm_cached": lambda: [torch.bmm(xc, built[:len(xc)]) for xc in x.split(chunk)],
+                "weights": lambda: routed_linear_weights(x, w0, b0, tw, None, r),
+                "experts": lambda: routed_linear_experts(x, w0, b0, tw, None, r)}
+        times = {name: [] for name in runs}
+        with torch.no_grad():
+            for f in runs.values():
+                f()
+            for _ in range(repeats):
+                for name, f in runs.items():
+                    times[name].append(timed(f, x.is_cuda))
+        out[k] = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+        print(f"K={k} one c_fc linear, ms: " + "  ".join(f"{n} {v:.1f}" for n, v in out[k].items()), flush=True)
     return out
 
 
@@ -174,6 +211,9 @@ def print_table(result: dict) -> None:
             line += (f" {m['inference_peak_mib']:>21.0f} {m['inference_extra_mib']:>8.0f}"
                      f" ({m['ratio_to_plain']['inference_extra_mib']:.1f}×)")
         print(line)
+    for k, ms in result.get("linear_ms", {}).items():
+        print(f"K={k}: one c_fc linear, ms (× plain): " + "  ".join(f"{n} {v:.1f} ({v / ms['plain']:.1f}×)"
+                                                               for n, v in ms.items()))
     if plain:
         print(f"plain model: inference peak {plain['inference_peak_mib']:.0f} MiB "
               f"({plain['inference_extra_mib']:.0f} MiB over the {plain['baseline_mib']:.0f} MiB baseline); "
@@ -190,7 +230,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="throughput part only (cpu | cuda); memory is CPU RSS")
     p.add_argument("--form", default="auto", choices=("auto", "experts", "weights"),
                    help="the routed linear's form (fusion.param.routers.routed_linear)")
-    p.add_argument("--parts", nargs="+", choices=("throughput", "memory"), default=["throughput", "memory"],
+    p.add_argument("--parts", nargs="+", choices=("throughput", "memory", "linear"),
+                   default=["throughput", "memory", "linear"],
                    help="measure only these; the other part is kept from --out if it was written for the same "
                         "model and batch")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "routed_throughput.json"))
@@ -200,13 +241,15 @@ def main() -> None:
     result = {"model": args.model, "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "form": args.form,
               "target_ratio": 0.5}
-    if set(args.parts) != {"throughput", "memory"} and out.is_file():
+    if set(args.parts) != {"throughput", "memory", "linear"} and out.is_file():
         old = json.loads(out.read_text())
         if (old.get("model"), old.get("batch")) == (args.model, args.batch):
             result = {**old, **{key: result[key] for key in ("model", "batch", "threads", "device", "form")}}
     if "throughput" in args.parts:
         result["repeats"] = args.repeats
         result["throughput"] = throughput(args.model, args.batch, args.repeats, args.ks, args.device, args.form)
+    if "linear" in args.parts:
+        result["linear_ms"] = linear_parts(args.model, args.batch, args.repeats, args.ks, args.device)
     if "memory" in args.parts:
         plain_mem = memory_child(args.model, "plain", 0, args.batch, args.threads)
         result["memory"] = {"plain": plain_mem}

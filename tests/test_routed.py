@@ -102,23 +102,42 @@ def test_routed_linear_forms_equal_a_per_sample_loop(shared):
         assert torch.allclose(form(x, w0, b0, tw, tb, r), loop, atol=1e-12)
         assert torch.allclose(form(x, w0, None, tw, None, r),
                               loop - (b0 + r @ tb).expand(b, d_out)[:, None, :], atol=1e-12)
+    # the routing gradient (what training follows) is the same through both forms and the loop
+    grads = []
+    for fn in (routed_linear_experts, routed_linear_weights, None):
+        rr = r.clone().requires_grad_()
+        out = fn(x, w0, b0, tw, tb, rr) if fn else torch.stack(
+            [F.linear(x[i], w0 + torch.einsum("k,koi->oi", rr[i * (not shared)], tw), b0 + rr[i * (not shared)] @ tb)
+             for i in range(b)])
+        (out * loop.sin()).sum().backward()
+        grads.append(rr.grad)
+    assert grads[2].abs().min() > 0 and all(torch.allclose(g, grads[2], atol=1e-10) for g in grads[:2])
 
 
-def test_weights_form_in_chunks_equals_one_chunk_and_auto_picks_by_device(monkeypatch):
+def test_both_forms_in_chunks_equal_one_chunk_and_auto_picks_by_device_and_grad(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     b, t, d_in, d_out, k = 5, 3, 4, 6, 2
     x, w0, b0 = (torch.randn(s, generator=gen, dtype=torch.float64) for s in ((b, t, d_in), (d_out, d_in), (d_out,)))
     tw, tb = torch.randn(k, d_out, d_in, generator=gen, dtype=torch.float64), torch.randn(k, d_out, dtype=torch.float64)
     r = torch.randn(b, k, generator=gen, dtype=torch.float64)
     whole = routed_linear_weights(x, w0, b0, tw, tb, r)
-    monkeypatch.setattr(routers, "MAX_WEIGHT_NUMEL", 2 * d_out * d_in)  # chunks of 2, 2 and 1 samples
+    whole_experts = routed_linear_experts(x, w0, b0, tw, tb, r)
+    assert routers.weights_chunk(x, w0) >= b and routers.experts_chunk(x, tw) >= b  # one chunk each
+    monkeypatch.setitem(routers.MAX_WEIGHT_NUMEL, "cpu", 2 * d_out * d_in)  # chunks of 2, 2 and 1 samples
+    monkeypatch.setattr(routers, "MAX_STACKED_NUMEL", 2 * t * (k + 1) * d_in)  # the same chunks
+    assert routers.weights_chunk(x, w0) == 2 and routers.experts_chunk(x, tw) == 2
     chunked = routed_linear_weights(x, w0, b0, tw, tb, r)
+    chunked_experts = routed_linear_experts(x, w0, b0, tw, tb, r)
     assert chunked.shape == (b, t, d_out) and torch.allclose(chunked, whole, atol=1e-12)
-    assert torch.allclose(chunked, routed_linear_experts(x, w0, b0, tw, tb, r), atol=1e-12)
-    # CPU: expert outputs while tokens x experts is small, per-sample weights above; one r: a single merged weight
-    assert auto_form(x, tw, r) == "experts"
-    assert auto_form(torch.zeros(b, routers.EXPERTS_MAX_TK, d_in), tw, r) == "weights"
-    assert auto_form(x, tw, r[:1]) == "weights"
+    assert torch.allclose(chunked_experts, whole_experts, atol=1e-12)
+    assert torch.allclose(chunked, chunked_experts, atol=1e-12)
+    assert not torch.allclose(chunked, F.linear(x, w0, b0), atol=1e-3)  # the task vectors do enter
+    # CPU: per-sample weights when evaluating, expert outputs when autograd records; one r: a single merged weight
+    assert auto_form(x, tw, r) == "weights"
+    assert auto_form(x, tw, r.clone().requires_grad_()) == "experts"
+    with torch.no_grad():
+        assert auto_form(x, tw, r.clone().requires_grad_()) == "weights"
+    assert auto_form(x, tw, r[:1].clone().requires_grad_()) == "weights"
 
 
 def test_batched_routing_equals_per_sample_loop_and_explicit_merge(tiny_pool):

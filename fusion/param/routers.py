@@ -13,19 +13,19 @@ Per-sample merge without a Python loop (:func:`routed_linear`). A linear layer i
 ``x W(x)ᵀ = x W_0ᵀ + Σ_k r_k(x) (x τ_kᵀ)`` exactly; the MLP's activation sits between two such layers, never inside
 a sum of expert outputs. Two equal forms (tested against each other and a per-sample loop):
 
-- ``"experts"``: one matmul with the K stacked task vectors, ``(K+1)·B·T·out·in`` FLOPs, extra memory
-  ``B·T·K·out``, never materialises a weight per sample;
-- ``"weights"``: ``W(x)`` per sample as ``[B, out, in]`` and ``torch.bmm``, ``B·(K+T)·out·in`` FLOPs, extra memory
-  ``B·out·in``; with batch-reduced routing (one ``r`` for the batch) it builds a single ``W`` and is a plain linear.
+- ``"experts"``: ONE matmul of the stacked input ``[x, r_1 x, …, r_K x]`` with ``[W_0 | τ_1 | … | τ_K]``,
+  ``(K+1)·B·T·out·in`` FLOPs, extra memory ``B·T·(K+1)·in`` (in chunks of the batch), never a weight per sample;
+- ``"weights"``: ``W(x)`` per sample (one ``addmm`` per chunk of the batch) and ``torch.bmm``, ``B·(K+T)·out·in``
+  FLOPs, extra memory one chunk of ``[c, out, in]``; with batch-reduced routing (one ``r`` for the batch) it builds
+  a single ``W`` and is a plain linear.
 
-``"auto"``: with a batch-reduced ``r`` (one per batch) ``"weights"``, i.e. a single merged ``W`` and a plain linear.
-Per sample it depends on the device. On CUDA ``"weights"`` (an H100, ViT-B/32, batch 256: 0.39× a plain model at
-K = 2, 4 and 8, against 0.37×, 0.26×, 0.17× for ``"experts"``; ``benchmarks/results/routed_throughput_gpu.json``).
-On CPU building ``[B, out, in]`` is memory-bound: on one thread it cost as much as ≈200 extra ``T·out·in``
-multiply-adds per sample, so ``"experts"`` (``T·K`` extra) is used while ``T·K ≤`` :data:`EXPERTS_MAX_TK` (mini8:
-T=17, K=8 → 136, 1.3× faster) and ``"weights"`` above (ViT-B/32: T=50, K=8 → 400, 1.8× faster). The ``"weights"``
-form builds at most :data:`MAX_WEIGHT_NUMEL` per-sample weight elements at a time (the batch is split into chunks),
-so its extra memory is bounded whatever the batch. Pass ``form`` explicitly to override.
+``"auto"``: with a batch-reduced ``r`` (one per batch) ``"weights"``, i.e. a single merged ``W``. Per sample:
+``"weights"`` on CUDA (chunks of up to 512 MiB; an H100, ViT-B/32, batch 256: 0.39× a plain model at K = 2, 4, 8
+against 0.37×, 0.26×, 0.17× for expert outputs, ``benchmarks/results/routed_throughput_gpu.json``, measured before
+the fused ``addmm`` build) and for CPU evaluation, where the chunk is cache-sized (:data:`MAX_WEIGHT_NUMEL`: built
+per chunk of 4 mini8 samples, the weights are still in cache when ``bmm`` reads them; built for the whole batch
+they went to DRAM and the form was the slowest). In CPU training (autograd recording) ``"experts"``: backward keeps
+the stacked input instead of every sample's weight matrices. Pass ``form`` explicitly to override.
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ from torch import Tensor, nn
 from fusion.merge.sparsify import check_drop_rate
 
 FORMS = ("auto", "experts", "weights")
-MAX_WEIGHT_NUMEL = 2 ** 27  # per-sample weight elements built at once by the "weights" form (512 MiB of fp32)
-EXPERTS_MAX_TK = 200  # "auto" uses expert outputs per sample while tokens × experts ≤ this (CPU measurement)
+# per-sample weight elements the "weights" form builds at once: on CUDA 512 MiB of fp32; on CPU 4 MiB, so that a
+# chunk's weights are still in cache when bmm reads them (benchmarks/routed_throughput.py)
+MAX_WEIGHT_NUMEL = {"cuda": 2 ** 27, "cpu": 2 ** 20}
+MAX_STACKED_NUMEL = 2 ** 26  # elements of the "experts" form's stacked input per chunk (256 MiB of fp32)
 ROUTER_INIT_STD = 0.01
 
 
@@ -144,35 +146,52 @@ def routed_bias(b0: Tensor | None, tb: Tensor | None, r: Tensor) -> Tensor | Non
     return r @ tb if b0 is None else b0 + r @ tb
 
 
+def experts_chunk(x: Tensor, tw: Tensor) -> int:
+    """Samples per chunk of the ``"experts"`` form (its stacked input holds ≤ :data:`MAX_STACKED_NUMEL` elements)."""
+    b, t, d_in = x.shape
+    return max(1, MAX_STACKED_NUMEL // (t * (tw.shape[0] + 1) * d_in))
+
+
 def routed_linear_experts(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None,
                           r: Tensor) -> Tensor:
-    """``x W_0ᵀ + Σ_k r_k (x τ_kᵀ) + b(x)`` — the expert-output form.
+    """``x W_0ᵀ + Σ_k r_k (x τ_kᵀ) + b(x)`` — the expert-output form, as ONE matmul per chunk of the batch.
 
-    Shapes: ``x [B, T, in]``, ``w0 [out, in]``, ``b0 [out]``, ``tw [K, out, in]``, ``tb [K, out]``, ``r [B|1, K]``;
-    returns ``[B, T, out]``.
+    The input is stacked as ``[x, r_1 x, …, r_K x]`` (``[B, T, (K+1)·in]``) against ``[W_0 | τ_1 | … | τ_K]``
+    (``[out, (K+1)·in]``), so the K+1 products and their weighted sum are one GEMM with no ``[B, T, K, out]``
+    intermediate. Shapes: ``x [B, T, in]``, ``w0 [out, in]``, ``b0 [out]``, ``tw [K, out, in]``, ``tb [K, out]``,
+    ``r [B|1, K]``; returns ``[B, T, out]``.
     """
-    b, t, _ = x.shape
-    k, out = tw.shape[:2]
+    b, k, out = x.shape[0], tw.shape[0], tw.shape[1]
     r = r.expand(b, k)
-    experts = F.linear(x, tw.reshape(k * out, -1)).view(b, t, k, out)
-    y = F.linear(x, w0) + torch.einsum("btko,bk->bto", experts, r)
+    stacked = torch.cat([w0, tw.transpose(0, 1).reshape(out, -1)], 1)
+    coef = torch.cat([r.new_ones(b, 1), r], 1)[:, None, :, None]  # [B, 1, K+1, 1]
+    chunk = experts_chunk(x, tw)
+    y = torch.cat([F.linear((xc[:, :, None, :] * cc).flatten(2), stacked)
+                   for xc, cc in zip(x.split(chunk), coef.split(chunk))])
     bias = routed_bias(b0, tb, r)
     return y if bias is None else y + bias[:, None, :]
+
+
+def weights_chunk(x: Tensor, w0: Tensor) -> int:
+    """Samples per chunk of the ``"weights"`` form (≤ :data:`MAX_WEIGHT_NUMEL` weight elements on x's device)."""
+    budget = MAX_WEIGHT_NUMEL["cuda" if x.is_cuda else "cpu"]
+    return max(1, budget // w0.numel())
 
 
 def routed_linear_weights(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None,
                           r: Tensor) -> Tensor:
     """``x W(x)ᵀ + b(x)``, ``W(x) = W_0 + Σ_k r_k τ_k`` built per sample (``[B, out, in]``), or once if ``r [1, K]``.
 
-    Shapes as :func:`routed_linear_experts`. Per-sample weights are built for at most :data:`MAX_WEIGHT_NUMEL`
-    elements at a time (chunks of the batch).
+    Shapes as :func:`routed_linear_experts`. Per-sample weights are built for a chunk of the batch at a time
+    (:func:`weights_chunk`): on CPU a cache-sized one, on CUDA up to 512 MiB.
     """
     bias = routed_bias(b0, tb, r)
     if r.shape[0] == 1:
         weight = w0 + torch.tensordot(r[0], tw, dims=1)
         return F.linear(x, weight, None if bias is None else bias[0])
-    chunk = max(1, MAX_WEIGHT_NUMEL // w0.numel())
-    y = torch.cat([torch.bmm(xc, (w0 + torch.einsum("bk,koi->boi", rc, tw)).transpose(1, 2))
+    flat_w0, flat_tw = w0.reshape(1, -1), tw.reshape(tw.shape[0], -1)  # views: [1, out·in], [K, out·in]
+    chunk = weights_chunk(x, w0)
+    y = torch.cat([torch.bmm(xc, torch.addmm(flat_w0, rc, flat_tw).view(-1, *w0.shape).transpose(1, 2))
                    for xc, rc in zip(x.split(chunk), r.split(chunk))])
     return y if bias is None else y + bias[:, None, :]
 
@@ -181,7 +200,8 @@ def auto_form(x: Tensor, tw: Tensor, r: Tensor) -> str:
     """The form :func:`routed_linear` uses for ``form="auto"`` (see the module docstring)."""
     if r.shape[0] == 1 or x.is_cuda:
         return "weights"
-    return "experts" if x.shape[1] * tw.shape[0] <= EXPERTS_MAX_TK else "weights"
+    recording = torch.is_grad_enabled() and (x.requires_grad or r.requires_grad or tw.requires_grad)
+    return "experts" if recording else "weights"
 
 
 def routed_linear(x: Tensor, w0: Tensor, b0: Tensor | None, tw: Tensor, tb: Tensor | None, r: Tensor,
