@@ -17,7 +17,8 @@ and the expert dicts freed, ``inference_peak_mib`` the peak during one forward a
 batch exist (≈1 GiB of it is libraries, which all variants share).
 *Linear*: where the time goes, on one routed linear of the model's first MLP (``c_fc``: tokens ``[batch, T, d]``):
 a plain ``F.linear`` against ``torch.bmm`` over the batch in the ``"weights"`` form's chunks, all reading ONE chunk
-of weights built beforehand (still in cache: the floor of that form, building excluded), and each form in full, for K = 2, 4, 8 (median ms, interleaved like the throughput).
+of weights built beforehand (still in cache: the floor of that form, building excluded), and each form in full,
+for K = 2, 4, 8 (median ms, interleaved like the throughput).
 Random weights (no pool needed); K seeded perturbations ``θ_0 + 0.01·ε`` are the experts. Ratios are measured in
 one run; absolute times vary several-fold on shared CPUs.
 """
@@ -126,7 +127,7 @@ def linear_parts(model_name: str, batch: int, repeats: int, ks=KS, device: str =
         tw = (0.01 * torch.randn(k, *w0.shape, generator=gen)).to(device)
         r = torch.randn(batch, k, generator=gen).to(device)
         chunk = weights_chunk(x, w0)
-        built = (w0.T + torch.einsum("bk,kio->bio", r[:chunk], tw.transpose(1, 2))).contiguous()
+        built = (w0 + torch.einsum("bk,koi->boi", r[:chunk], tw)).transpose(1, 2)  # the form's layout
         runs = {"plain": lambda: F.linear(x, w0, b0),
                 "bmm_cached": lambda: [torch.bmm(xc, built[:len(xc)]) for xc in x.split(chunk)],
                 "weights": lambda: routed_linear_weights(x, w0, b0, tw, None, r),
@@ -232,8 +233,8 @@ def main() -> None:
                    help="the routed linear's form (fusion.param.routers.routed_linear)")
     p.add_argument("--parts", nargs="+", choices=("throughput", "memory", "linear"),
                    default=["throughput", "memory", "linear"],
-                   help="measure only these; the other part is kept from --out if it was written for the same "
-                        "model and batch")
+                   help="measure only these; the parts not named are kept from --out if it was written for the "
+                        "same model and batch")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "routed_throughput.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -249,6 +250,7 @@ def main() -> None:
         result["repeats"] = args.repeats
         result["throughput"] = throughput(args.model, args.batch, args.repeats, args.ks, args.device, args.form)
     if "linear" in args.parts:
+        result["linear_repeats"] = args.repeats
         result["linear_ms"] = linear_parts(args.model, args.batch, args.repeats, args.ks, args.device)
     if "memory" in args.parts:
         plain_mem = memory_child(args.model, "plain", 0, args.batch, args.threads)
