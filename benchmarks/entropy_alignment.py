@@ -64,14 +64,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "entropy_alignment.json"))
     args = parser.parse_args()
 
-    from omegaconf import OmegaConf
-
+    from benchmarks import default_mini8_pool
     from fusion.data.taskpool import mini8_taskpool
-    from fusion.pools.mini8 import mini8_pool
     from fusion.utils import atomic_write_json, configure_threads
 
     configure_threads(args.threads)
-    pool = mini8_pool(OmegaConf.load(ROOT / "conf" / "modelpool" / "mini8.yaml").recipe)
+    pool = default_mini8_pool()
     taskpool = mini8_taskpool()
     models = {f"task_arithmetic λ={lam}": (torch.full((len(pool.tasks),), lam), None) for lam in args.lambdas}
     for path in args.coefficients:

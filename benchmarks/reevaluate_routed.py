@@ -26,12 +26,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from omegaconf import OmegaConf
-
+    from benchmarks import default_mini8_pool
     from fusion.data.taskpool import mini8_taskpool
     from fusion.evaluate import task_accuracy
     from fusion.param.routed import load_routed
-    from fusion.pools.mini8 import mini8_pool
     from fusion.utils import configure_threads
 
     configure_threads(args.threads)
@@ -40,7 +38,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"no {RUNS}/<run>/routed_model for {missing}; runs with one: "
                          f"{sorted(d.name for d in RUNS.iterdir() if (d / 'routed_model').is_dir())}")
-    pool = mini8_pool(OmegaConf.load(ROOT / "conf" / "modelpool" / "mini8.yaml").recipe)
+    pool = default_mini8_pool()
     taskpool, tv = mini8_taskpool(), pool.task_vectors()
     worst = 0.0
     for name in names:

@@ -85,6 +85,18 @@ def timed(run, cuda: bool) -> float:
     return time.perf_counter() - start
 
 
+def round_robin(runs: dict, repeats: int, cuda: bool) -> dict[str, float]:
+    """Median seconds of each ``runs[name]()``: one warm-up each, then ``repeats`` rounds in turn (no grad)."""
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                times[name].append(timed(run, cuda))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def throughput(model_name: str, batch: int, repeats: int, ks=KS, device: str = "cpu", form: str = "auto") -> dict:
     encoder = base_encoder(model_name)  # stays on the CPU: the routed models are built from it
     plain = copy.deepcopy(encoder).to(device)
@@ -93,14 +105,7 @@ def throughput(model_name: str, batch: int, repeats: int, ks=KS, device: str = "
     out = {}
     for k in ks:
         models = {"plain": plain, **{n: m.to(device) for n, m in routed_models(encoder, k, form=form).items()}}
-        times = {name: [] for name in models}
-        with torch.no_grad():
-            for m in models.values():
-                m(x)  # warm-up
-            for _ in range(repeats):
-                for name, m in models.items():
-                    times[name].append(timed(functools.partial(m, x), x.is_cuda))
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        med = round_robin({name: functools.partial(m, x) for name, m in models.items()}, repeats, x.is_cuda)
         row = {"images_per_s": {name: batch / t for name, t in med.items()},
                "ratio_to_plain": {name: med["plain"] / med[name] for name in ROUTED}}
         out[k] = row
@@ -132,14 +137,7 @@ def linear_parts(model_name: str, batch: int, repeats: int, ks=KS, device: str =
                 "bmm_cached": lambda: [torch.bmm(xc, built[:len(xc)]) for xc in x.split(chunk)],
                 "weights": lambda: routed_linear_weights(x, w0, b0, tw, None, r),
                 "experts": lambda: routed_linear_experts(x, w0, b0, tw, None, r)}
-        times = {name: [] for name in runs}
-        with torch.no_grad():
-            for f in runs.values():
-                f()
-            for _ in range(repeats):
-                for name, f in runs.items():
-                    times[name].append(timed(f, x.is_cuda))
-        out[k] = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+        out[k] = {name: 1e3 * t for name, t in round_robin(runs, repeats, x.is_cuda).items()}
         print(f"K={k} one c_fc linear, ms: " + "  ".join(f"{n} {v:.1f}" for n, v in out[k].items()), flush=True)
     return out
 

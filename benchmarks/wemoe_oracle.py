@@ -11,7 +11,6 @@ limits WEMoE on that pool. Writes ``benchmarks/results/wemoe_oracle.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,13 +44,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wemoe_oracle.json"))
     args = parser.parse_args()
 
+    from benchmarks import default_mini8_pool
     from fusion.data.taskpool import mini8_taskpool
-    from fusion.pools.mini8 import mini8_pool
     from fusion.utils import atomic_write_json, configure_threads
 
     configure_threads(args.threads)
-    recipe = __import__("omegaconf").OmegaConf.load(ROOT / "conf" / "modelpool" / "mini8.yaml").recipe
-    pool = mini8_pool(recipe)
+    pool = default_mini8_pool()
     taskpool = mini8_taskpool()
     rows = {}
     for lam0 in args.lambdas:

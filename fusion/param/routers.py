@@ -148,7 +148,7 @@ def routed_bias(b0: Tensor | None, tb: Tensor | None, r: Tensor) -> Tensor | Non
 
 def experts_chunk(x: Tensor, tw: Tensor) -> int:
     """Samples per chunk of the ``"experts"`` form (its stacked input holds ≤ :data:`MAX_STACKED_NUMEL` elements)."""
-    b, t, d_in = x.shape
+    _, t, d_in = x.shape
     return max(1, MAX_STACKED_NUMEL // (t * (tw.shape[0] + 1) * d_in))
 
 
