@@ -113,13 +113,19 @@ def finish_loggers(loggers: list, metrics: dict[str, float], out: Path) -> None:
 
 
 def trainer_factory(cfg: DictConfig, out: Path, method: str, pool_hash: str):
-    """conf/trainer's partial with the periodic checkpoint (and the checkpoint to resume from, validated)."""
+    """A Trainer factory: conf/trainer with the periodic checkpoint (and the checkpoint to resume from, validated).
+
+    conf/trainer is instantiated anew for every Trainer: a strategy object (ddp, fsdp) serves one Trainer only, and
+    two-phase methods (Concrete AdaMerging) build two.
+    """
     resume = resume_checkpoint(cfg.resume, method, pool_hash) if cfg.get("resume") else None
     every = int(cfg.get("checkpoint_every") or 0)
-    if not (every or resume):
-        return instantiate(cfg.trainer)
-    return with_callbacks(instantiate(cfg.trainer), [PeriodicCheckpoint(out / "checkpoints", every, method,
-                                                                         pool_hash, resume)])
+    callbacks = [PeriodicCheckpoint(out / "checkpoints", every, method, pool_hash, resume)] if every or resume else []
+
+    def make(**kwargs) -> pl.Trainer:
+        return with_callbacks(instantiate(cfg.trainer), callbacks)(**kwargs)
+
+    return make
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

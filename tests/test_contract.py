@@ -175,6 +175,118 @@ def test_adamerging_pp_preprocessing_is_the_ties_function():
     assert any(not torch.equal(processed[n], tv[n]) for n in tv)
 
 
+# ---- sharded task vectors (trainer=fsdp; two real ranks: tests/test_operations.py) ---------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shard_layout_chunks_reassemble_every_tensor(world):
+    from fusion.param.sharding import ShardLayout
+
+    _, tv = build("layer_wise")
+    layouts = [ShardLayout.of(tv, rank, world) for rank in range(world)]
+    rows = torch.stack([layout.shard(tv) for layout in layouts], dim=1)  # [K, world, width]
+    expected_width = sum(-(-t[0].numel() // world) for t in tv.values())  # padded: 8 biases over 3 ranks = 3+3+2(+1)
+    assert rows.shape == (K, world, expected_width)
+    for k in range(K):
+        full = layouts[0].assemble(rows[k])
+        assert all(torch.equal(full[n], tv[n][k]) for n in tv)
+    if world > 1:  # each rank holds a different part
+        assert not torch.equal(rows[:, 0], rows[:, 1])
+
+
+def concrete_model():
+    from fusion.param.concrete import concrete_merge
+
+    base = tiny_encoder()
+    tv = stack_task_vectors(base.state_dict(), experts_of(base))
+    return concrete_merge(base, tv, learn_coefficients="layer_wise")
+
+
+@pytest.mark.parametrize("name", ["layer_wise", "adamerging_pp", "concrete"])
+def test_sharded_merge_on_one_rank_equals_the_unsharded_merge(name):
+    models = [concrete_model() if name == "concrete" else build(name)[0] for _ in range(2)]
+    info = models[1].shard_task_vectors()
+    assert models[1].sharding_info() == info and info["world_size"] == 1
+    assert info["task_vector_numel_per_rank"] == info["task_vector_numel_unsharded"]
+    assert not hasattr(models[1], "tv_0") and models[1].tv_shard.shape[0] == K
+    with pytest.raises(RuntimeError, match="sharded"):
+        models[1].task_vectors()
+    heads, batch, grads = TinyHeads([f"t{i}" for i in range(K)]), batches(), []
+    for model in models:
+        torch.manual_seed(7)  # the same Concrete sample in both
+        _Harness(model, heads, entropy, torch.optim.Adam).task_losses(batch)
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
+    x = torch.randn(5, 6)
+    assert torch.allclose(models[0].merge_and_unload()(x), models[1].merge_and_unload()(x), atol=1e-6)
+
+
+def _two_rank_worker(rank: int, port: int, name: str, out: str) -> None:
+    """Rank ``rank`` of 2 (gloo): the sharded merge's gradient on its half of the data, and the unsharded mean."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        heads, halves = TinyHeads([f"t{i}" for i in range(K)]), [batches(seed=s) for s in (0, 1)]
+        models = [concrete_model() if name == "concrete" else build(name)[0] for _ in range(2)]
+        with torch.no_grad():  # away from the initial values (mask logits 0, λ 0.3)
+            for p in (p for m in models for p in m.parameters() if p.requires_grad):
+                p.add_(torch.linspace(-0.2, 0.2, p.numel()).view_as(p))
+        sharded, reference = models
+        info = sharded.shard_task_vectors()
+        torch.manual_seed(7)
+        _Harness(sharded, heads, entropy, torch.optim.SGD).task_losses(halves[rank])
+        for half in halves:  # DDP's gradient: the mean of the two ranks' gradients (same mask sample)
+            torch.manual_seed(7)
+            _Harness(reference, heads, entropy, torch.optim.SGD).task_losses(half)
+        trainable = [[p for p in m.parameters() if p.requires_grad] for m in models]
+        torch.save({"sharded": [p.grad for p in trainable[0]], "mean": [p.grad / 2 for p in trainable[1]],
+                    "info": info, "local": sharded.tv_shard.clone()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["layer_wise", "concrete"])
+def test_sharded_gradients_on_two_ranks_equal_the_mean_gradient(name, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, name, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for r in ranks:
+        assert len(r["sharded"]) == len(r["mean"]) > 0
+        for sharded, mean in zip(r["sharded"], r["mean"]):
+            assert torch.allclose(sharded, mean, atol=1e-6), (sharded - mean).abs().max()
+        assert any(g.abs().sum() > 1e-4 for g in r["mean"])
+    _, tv = build("layer_wise")
+    half, full = (K * sum(f(t[0].numel()) for t in tv.values()) for f in (lambda n: -(-n // 2), lambda n: n))
+    assert [r["info"]["task_vector_numel_per_rank"] for r in ranks] == [half, half] and half < full
+    assert not torch.equal(ranks[0]["local"], ranks[1]["local"])  # each rank holds its own half
+
+
+def test_fsdp_refuses_merges_that_are_not_elementwise(tiny_pool):
+    from fusion.param.concrete import ConcreteMask, ConcreteMergedEncoder
+    from fusion.param.merged import NotShardableError
+    from fusion.param.routed import wemoe
+    from fusion.train.strategies import shard_merge
+
+    routed = _Harness(wemoe(tiny_pool.encoder, tiny_pool.task_vectors()), tiny_pool.heads, entropy, torch.optim.Adam)
+    with pytest.raises(NotShardableError, match="RoutedEncoder .*use trainer=ddp"):
+        shard_merge(routed)
+    base = tiny_encoder()
+    tv = stack_task_vectors(base.state_dict(), experts_of(base))
+    mask = ConcreteMask(task_wise(K, len(tv)), {n: t.shape[1:] for n, t in tv.items()}, factorized=False)
+    with pytest.raises(NotShardableError, match="factorized"):
+        ConcreteMergedEncoder(base, tv, mask).shard_task_vectors()
+
+
 def test_bad_inputs():
     base = tiny_encoder()
     tv = stack_task_vectors(base.state_dict(), experts_of(base))

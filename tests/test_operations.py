@@ -1,6 +1,7 @@
-"""Scale-out and operations on the tiny pool: DDP, submitit sweeps, sweep reports, loggers, checkpoints, seeds.
+"""Scale-out and operations on the tiny pool: DDP and FSDP, submitit sweeps, sweep reports, loggers, checkpoints,
+seeds.
 
-Subprocess runs (DDP, the submitit sweep, a run killed with SIGKILL) use ``python -m fusion.app`` with a timeout;
+Subprocess runs (DDP, FSDP, the submitit sweep, a run killed with SIGKILL) use ``python -m fusion.app`` with a timeout;
 everything else runs in-process through :func:`tests.test_app.run_app`.
 """
 from __future__ import annotations
@@ -98,27 +99,81 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-# ---- DDP ---------------------------------------------------------------------------------------------------------
+# ---- DDP and FSDP (sharded task vectors) -------------------------------------------------------------------------
 
-def test_ddp_two_ranks_learn_what_one_process_learns(tiny_dirs, tmp_path):
-    one = tmp_path / "one"
-    run_app(tiny_dirs, one, LAYER_WISE, "method.steps=3", "checkpoint_every=0")
-    two = tmp_path / "two"
-    two.mkdir()
+@pytest.fixture(scope="module")
+def ddp_run(tiny_dirs, tmp_path_factory) -> Path:
+    """Layer-wise AdaMerging, 3 steps on 2 DDP ranks (gloo), counting each rank's gradient all-reduces."""
+    two = tmp_path_factory.mktemp("ddp")
     code, output = run_cli(app_args(tiny_dirs, two, "method.steps=3", "checkpoint_every=0", "trainer=ddp",
                                     "trainer.accelerator=cpu", "trainer.devices=2",
                                     f"+trainer.callbacks=[{{_target_:probe.CountReductions,out:'{two}'}}]"), two)
     assert code == 0, output[-3000:]
+    assert output.count("results written to") == 1  # rank 1 returned without evaluating or writing
+    return two
+
+
+def test_ddp_two_ranks_learn_what_one_process_learns(tiny_dirs, tmp_path, ddp_run):
+    one = tmp_path / "one"
+    run_app(tiny_dirs, one, LAYER_WISE, "method.steps=3", "checkpoint_every=0")
+    two = ddp_run
     # same global batch (16 per task, 8 per rank): the same λ as one process; observed equal to the last bit
     assert torch.allclose(coefficients(two), coefficients(one), atol=1e-6, rtol=0)
     assert not torch.allclose(coefficients(two), torch.full_like(coefficients(two), 0.3))  # it trained
-    assert output.count("results written to") == 1  # rank 1 returned without evaluating or writing
     assert json.loads((two / "results.json").read_text())["method"] == LAYER_WISE
     # gradients were all-reduced once per step on each rank: the one backward through the merge (3 × 32 λ)
     for rank in (0, 1):
         counts = json.loads((two / f"reductions_{rank}.json").read_text())
         assert counts["world_size"] == 2
         assert counts["calls"] == [[step, coefficients(one).numel()] for step in range(3)]
+
+
+def test_fsdp_two_ranks_hold_half_the_task_vectors_and_learn_what_ddp_learns(tiny_dirs, tiny_pool, tmp_path, ddp_run):
+    code, output = run_cli(app_args(tiny_dirs, tmp_path, "method.steps=3", "checkpoint_every=0", "trainer=fsdp",
+                                    "trainer.accelerator=cpu", "trainer.devices=2"), tmp_path)
+    assert code == 0, output[-3000:]
+    assert output.count("results written to") == 1
+    sharded, ddp = (json.loads((d / "results.json").read_text()) for d in (tmp_path, ddp_run))
+    # rank 0 held its half of every task vector: K × Σ_l ⌈P_l / 2⌉ elements, not K × Σ_l P_l
+    tv = tiny_pool.task_vectors()
+    assert sharded["method_info"]["task_vector_sharding"] == {
+        "world_size": 2, "rank": 0, "task_vector_numel_unsharded": sum(t.numel() for t in tv.values()),
+        "task_vector_numel_per_rank": len(tiny_pool.tasks) * sum(-(-t[0].numel() // 2) for t in tv.values())}
+    assert "task_vector_sharding" not in ddp["method_info"]
+    # the same ranks and batches: the λ DDP learns (the ranks' partial sums add up to the full gradient; the
+    # gradients themselves, for coefficients and Concrete masks: tests/test_contract.py)
+    assert torch.allclose(coefficients(tmp_path), coefficients(ddp_run), atol=1e-6, rtol=0)
+    assert not torch.allclose(coefficients(tmp_path), torch.full_like(coefficients(tmp_path), 0.3))
+    assert sharded["mean_accuracy"] == pytest.approx(ddp["mean_accuracy"], abs=1e-6)
+
+
+def test_fsdp_runs_concrete_adamerging_both_phases_sharded(tiny_dirs, tmp_path):
+    """Two Trainers in one run (mask meta-learning, then AdaMerging), both bi-level passes reduced by the merge."""
+    code, output = run_cli(app_args(tiny_dirs, tmp_path, "method.meta_steps=2", "method.adamerging.steps=2",
+                                    "checkpoint_every=0", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                    method="concrete_adamerging_layer_wise"), tmp_path)
+    assert code == 0, output[-3000:]
+    assert output.count("results written to") == 1
+    info = json.loads((tmp_path / "results.json").read_text())["method_info"]
+    assert info["task_vector_sharding"]["world_size"] == 2
+    assert info["task_vector_sharding"]["task_vector_numel_per_rank"] < info["task_vector_sharding"][
+        "task_vector_numel_unsharded"]
+    from safetensors.torch import load_file
+
+    logits = load_file(str(tmp_path / "mask_logits.safetensors"))
+    assert any(x.abs().max() > 0 for x in logits.values())  # the mask meta-learned (logits start at 0)
+
+
+def test_bilevel_training_refuses_the_ddp_wrapper_naming_fsdp():
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fusion.train.bilevel import refuse_ddp_wrapper
+
+    refuse_ddp_wrapper(SimpleNamespace(model=torch.nn.Linear(2, 2)))  # unwrapped: fine
+    with pytest.raises(RuntimeError, match="use trainer=fsdp"):
+        refuse_ddp_wrapper(SimpleNamespace(model=DistributedDataParallel.__new__(DistributedDataParallel)))
 
 
 # ---- SLURM / submitit --------------------------------------------------------------------------------------------

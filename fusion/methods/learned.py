@@ -85,6 +85,9 @@ class LearnedMerge:
         self.save_outputs(model, pool.tasks, ctx)
         info = {"init": init, "init_tuning": init_tuning, "steps": self.steps,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
+        sharding = getattr(model, "sharding_info", lambda: None)()
+        if sharding is not None:  # trainer=fsdp: the task-vector elements rank 0 held
+            info["task_vector_sharding"] = sharding
         if hasattr(model, "artifacts") and rank_zero_only.rank == 0:
             info["artifacts"] = model.artifacts(ctx.output_dir, taskpool, pool.tasks)
         # input-dependent models (routers) are evaluated as they are, in eval mode (per-sample routing, no dropout)

@@ -49,6 +49,10 @@ class Coefficients(nn.Module):
                              f"{len(task_vectors)} task-vector tensors")
         return combine(task_vectors, self.values())
 
+    def elementwise_split(self) -> tuple[nn.Module, None]:
+        """``δ^l_j`` depends on ``τ^l_{·,j}`` alone: the whole weighting runs on task-vector chunks (trainer=fsdp)."""
+        return self, None
+
     def stats(self) -> dict[str, float]:
         v = self.values().detach()
         return {"lambda_mean": float(v.mean()), "lambda_min": float(v.min()), "lambda_max": float(v.max())}

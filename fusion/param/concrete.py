@@ -28,7 +28,7 @@ from fusion.merge.masks import (apply_mask, check_temperature, concrete_sample, 
                                 kept_fraction, mask_task_vectors, pack_bits, unpack_bits)
 from fusion.merge.task_vectors import num_tasks
 from fusion.param.coefficients import Coefficients
-from fusion.param.merged import MergedEncoder
+from fusion.param.merged import MergedEncoder, NotShardableError
 
 EVAL_MASKS = ("continuous", "expected", "hard")
 LEARN_COEFFICIENTS = (False, "task_wise", "layer_wise")
@@ -130,11 +130,23 @@ class ConcreteMask(nn.Module):
         if list(task_vectors) != self.names:
             raise KeyError(f"the mask covers {len(self.names)} tensors (first {self.names[:2]}) but got task vectors "
                            f"for {len(task_vectors)} (first {list(task_vectors)[:2]})")
-        masks = self.masks()
         if self.factorized:
-            delta = self.inner(task_vectors)
-            return {n: apply_mask(delta[n], masks[n]) for n in self.names}
+            return self.apply_masks(self.inner(task_vectors))
+        masks = self.masks()
         return self.inner({n: apply_mask(t, masks[n]) for n, t in task_vectors.items()})
+
+    def apply_masks(self, delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``δ ⊙ m̂ / mean(m̂)`` per tensor with a fresh mask (factorized: ``inner(τ ⊙ m̃) = inner(τ) ⊙ m̃``)."""
+        masks = self.masks()
+        return {n: apply_mask(delta[n], masks[n]) for n in self.names}
+
+    def elementwise_split(self):
+        """``(inner, apply_masks)``: the inner weighting runs on task-vector chunks; the mask, whose rescale needs
+        the mean over a whole tensor, on the all-gathered ``δ`` (``trainer=fsdp``). Factorized masks only."""
+        if not self.factorized or not hasattr(self.inner, "elementwise_split"):
+            raise NotShardableError("trainer=fsdp needs a factorized Concrete mask over coefficients "
+                                    "(concrete_merge builds one); use trainer=ddp")
+        return self.inner, self.apply_masks
 
     # bi-level interface (fusion.train.bilevel): outer = mask logits, inner = the wrapped weighting
     def outer_parameters(self) -> list[nn.Parameter]:

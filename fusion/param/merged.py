@@ -7,6 +7,10 @@ parameters are built once per optimizer step by :meth:`MergedEncoder.prepare` an
 
 Contract (tests/test_contract.py): a static parametrization says :meth:`merge_and_unload` and gives back a
 plain module whose outputs equal the wrapped model's; an input-dependent one (routers) refuses it.
+
+Under ``trainer=fsdp`` :meth:`MergedEncoder.shard_task_vectors` keeps only this rank's chunk of every task vector
+(:mod:`fusion.param.sharding`); the weighting must then say which part of it is elementwise in ``τ``
+(``elementwise_split()``).
 """
 from __future__ import annotations
 
@@ -17,11 +21,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fusion.merge.task_vectors import TaskVectors
+from fusion.merge.task_vectors import TaskVectors, num_tasks
+from fusion.param.sharding import ShardLayout, all_gather_rows, average_gradients_, rank_and_world
 
 
 class InputDependentError(TypeError):
     """``merge_and_unload`` on a model whose weights depend on its input (a router)."""
+
+
+class NotShardableError(TypeError):
+    """``trainer=fsdp`` with a merge whose task vectors cannot be sharded."""
 
 
 def freeze_(module: nn.Module) -> nn.Module:
@@ -54,13 +63,60 @@ class MergedEncoder(nn.Module):
         for i, name in enumerate(self.names):
             self.register_buffer(f"tv_{i}", task_vectors[name], persistent=False)
         self.weighting = weighting
+        self.sharding: ShardLayout | None = None
+        self.num_tasks = num_tasks(task_vectors)
+        self._group = None
 
     def task_vectors(self) -> TaskVectors:
+        if self.sharding is not None:
+            raise RuntimeError(f"the task vectors are sharded over {self.sharding.world} ranks; this rank holds "
+                               "only its chunks (tv_shard)")
         return {n: getattr(self, f"tv_{i}") for i, n in enumerate(self.names)}
+
+    def shard_task_vectors(self, group=None) -> dict[str, int]:
+        """Keep only this rank's chunk of every task vector (one ``[K, width]`` buffer); returns the sizes.
+
+        Called by :class:`fusion.train.strategies.ShardedMergeStrategy` before the model moves to its device.
+        """
+        split = getattr(self.weighting, "elementwise_split", None)
+        if split is None:
+            raise NotShardableError(f"trainer=fsdp shards the task vectors of merges that are elementwise in τ "
+                                    f"(coefficients, Concrete masks); {type(self.weighting).__name__} is not; "
+                                    "use trainer=ddp")
+        split()  # raises NotShardableError when this configuration of the weighting is not elementwise
+        if self.sharding is not None:
+            return self.sharding.describe(self.num_tasks)
+        rank, world = rank_and_world(group)
+        tv = self.task_vectors()
+        layout = ShardLayout.of(tv, rank, world)
+        shard = layout.shard(tv)
+        for i in range(len(self.names)):
+            delattr(self, f"tv_{i}")
+        self.register_buffer("tv_shard", shard, persistent=False)
+        self.sharding, self._group = layout, group
+        return layout.describe(self.num_tasks)
+
+    def sharding_info(self) -> dict[str, int] | None:
+        """The sizes :meth:`shard_task_vectors` returned, or ``None`` when unsharded."""
+        return self.sharding.describe(self.num_tasks) if self.sharding is not None else None
+
+    def delta(self) -> dict[str, Tensor]:
+        """The update ``δ = weighting(τ)``; sharded: each rank's chunk, all-gathered, then the non-elementwise rest."""
+        if self.sharding is None:
+            return self.weighting(self.task_vectors())
+        elementwise, finish = self.weighting.elementwise_split()
+        local = elementwise(self.sharding.views(self.tv_shard))
+        delta = self.sharding.assemble(all_gather_rows(self.sharding.flatten(local), self._group))
+        return finish(delta) if finish is not None else delta
+
+    def reduce_gradients_(self) -> None:
+        """Sharded: average the trainable gradients over the ranks (each holds a partial sum; see the module doc)."""
+        if self.sharding is not None:
+            average_gradients_(self.parameters(), self._group)
 
     def prepare(self) -> dict[str, Tensor]:
         """The merged parameters ``{name: θ_0 + δ}`` (differentiable in the weighting's parameters)."""
-        delta = self.weighting(self.task_vectors())
+        delta = self.delta()
         params = dict(self.base.named_parameters())
         return {n: params[n] + delta[n].to(params[n].dtype) for n in self.names}
 

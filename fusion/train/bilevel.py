@@ -59,6 +59,16 @@ def check_gradients(params: Sequence[nn.Parameter], what: str, step: int) -> Non
             raise NonFiniteLossError(f"non-finite {what} gradient at step {step}; parameters not updated")
 
 
+def refuse_ddp_wrapper(strategy) -> None:
+    """A clear error under torch's DDP wrapper, which cannot reduce two backward passes over different parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+        raise RuntimeError("bi-level training (Concrete AdaMerging) runs two backward passes over different parameters "
+                           "per step (λ, then the mask logits), which the DDP wrapper cannot reduce; use trainer=fsdp "
+                           "(the same data parallelism; the merge reduces its gradients itself, once per pass)")
+
+
 class BilevelTraining(MergeTraining):
     """:class:`MergeTraining` whose steps are first-order bi-level (inner ``λ``, outer mask logits).
 
@@ -81,6 +91,9 @@ class BilevelTraining(MergeTraining):
             raise ValueError("bi-level training needs learnable inner coefficients "
                              "(model.learn_coefficients=task_wise or layer_wise)")
         self._inner_opt: torch.optim.Optimizer | None = None
+
+    def on_fit_start(self) -> None:
+        refuse_ddp_wrapper(self.trainer.strategy)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The outer variables (mask logits): what the configured optimizer steps."""

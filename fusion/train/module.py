@@ -6,7 +6,8 @@ Each optimizer step:
 2. the state is *detached* into leaf tensors; for each task, a forward with those leaves and a backward
    accumulate ``∂L/∂θ`` (and router gradients) — only one task's activations are alive at a time;
 3. one backward of ``Σ ⟨state, ∂L/∂θ⟩`` carries the accumulated gradient through the merge into φ
-   (for coefficients: ``∂L/∂λ_k^l = ⟨∂L/∂θ^l, τ_k^l⟩``);
+   (for coefficients: ``∂L/∂λ_k^l = ⟨∂L/∂θ^l, τ_k^l⟩``); with sharded task vectors (``trainer=fsdp``) each rank
+   holds a partial sum, which the model averages over the ranks (``reduce_gradients_``);
 4. the optimizer steps.
 
 The sum of per-task losses therefore has the same gradient as one backward of the summed loss (tested), at
@@ -98,6 +99,9 @@ class MergeTraining(pl.LightningModule):
             self.manual_backward(loss)
             losses[task] = loss.detach()
         backward_through_state(state, leaves, self.manual_backward)
+        reduce = getattr(self.model, "reduce_gradients_", None)  # sharded task vectors (trainer=fsdp): partial sums
+        if reduce is not None:
+            reduce()
         return losses
 
     def training_step(self, batch: Mapping[str, tuple[Tensor, Tensor | None]], batch_idx: int) -> Tensor:
