@@ -115,7 +115,7 @@ class ContrastivePretraining(pl.LightningModule):
         loss = concept_contrastive_loss(scale * image @ text.T, concept, self.symmetric)
         self.log("pretrain/loss", loss)
         if self.global_step % 50 == 0:
-            log.info("pretrain step %d/%d loss %.3f", self.global_step, self.steps, float(loss))
+            log.info("pretrain step %d/%d loss %.3f", self.global_step, self.steps, float(loss.detach()))
         return loss
 
     def configure_optimizers(self):
