@@ -32,8 +32,6 @@ def shard_merge(module: pl.LightningModule) -> dict[str, int]:
 class ShardedMergeStrategy(DDPStrategy):
     """DDP without the wrapper: each rank keeps ``1/N`` of every task vector (``trainer=fsdp``)."""
 
-    strategy_name = "fusion_sharded_merge"
-
     def setup(self, trainer: pl.Trainer) -> None:
         info = shard_merge(self.lightning_module)  # before the model moves to its device: only the chunks move
         log.info("rank %d holds %d of %d task-vector elements", info["rank"], info["task_vector_numel_per_rank"],
