@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fusion.merge.task_vectors import TaskVectors, num_tasks
-from fusion.param.sharding import ShardLayout, all_gather_rows, average_gradients_, rank_and_world
+from fusion.param.sharding import ShardLayout, all_gather_rows, average_gradients_
+from fusion.utils import rank_and_world
 
 
 class InputDependentError(TypeError):

@@ -26,17 +26,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fusion.utils import rank_and_world
+
 
 def chunk_size(numel: int, world: int) -> int:
     """Elements per rank of a tensor of ``numel`` elements cut into ``world`` equal (padded) chunks."""
     return -(-numel // world)
-
-
-def rank_and_world(group=None) -> tuple[int, int]:
-    """This process's rank and the group's size; ``(0, 1)`` without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+from fusion.utils import rank_and_world
 
 
 def index_stream(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -39,7 +35,7 @@ class MultiTaskStream(IterableDataset):
         self.start = start  # batches to skip (resume)
 
     def __iter__(self) -> Iterator[dict[str, tuple[Tensor, Tensor | None]]]:
-        rank, world = _rank_world()
+        rank, world = rank_and_world()
         if self.batch_size % world:
             raise ValueError(f"data.batch_size={self.batch_size} must be divisible by the number of ranks ({world})")
         per_rank = self.batch_size // world
