@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fusion.utils import atomic_write_json  # noqa: E402
+
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, sharded: bool, out: str) -> None:
     import torch.distributed as dist
@@ -123,7 +125,7 @@ def main() -> None:
         / statistics.mean(r["step_s"] for r in rows["replicated"]),
         "max_lambda_difference": float((lam["sharded"] - lam["replicated"]).abs().max()),
     }
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(args.out, summary)
     print(json.dumps({k: summary[k] for k in ("memory_ratio", "step_time_ratio", "max_lambda_difference")}))
     print(f"wrote {args.out}")
 

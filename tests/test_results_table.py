@@ -46,7 +46,8 @@ def test_readme_table_is_the_measured_table_and_names_its_pool():
     assert table in section, "README results table differs from benchmarks/results/mini8.md: run " \
                              "`python benchmarks/mini8_table.py --table-only` and paste its table"
     named = set(re.findall(r"hash `([0-9a-f]{12})`", section))
-    assert named == {configured_pool_hash()}, named
+    assert named == {configured_pool_hash()}, f"README results name pool(s) {named}; conf/modelpool/mini8.yaml builds " \
+                                              f"{configured_pool_hash()}"
     assert f"`{POOL_VERSION}`" in section
     # every row of the JSON is in the table, and the table holds nothing else but the reference rows
     rows = json.loads((RESULTS / "mini8.json").read_text())

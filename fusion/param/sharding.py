@@ -61,7 +61,7 @@ class ShardLayout:
     def shard(self, task_vectors: Mapping[str, Tensor]) -> Tensor:
         """This rank's chunks of every tensor, zero-padded, side by side: ``Tensor[K, width]`` (a copy)."""
         rows = []
-        for (name, t), c in zip(task_vectors.items(), self.chunks):
+        for t, c in zip(task_vectors.values(), self.chunks):
             flat = t.reshape(t.shape[0], -1)[:, self.rank * c:(self.rank + 1) * c]
             rows.append(torch.nn.functional.pad(flat, (0, c - flat.shape[1])))
         return torch.cat(rows, dim=1)
