@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 @torch.no_grad()
 def task_stats(encoder, heads, dataset, task: str, batch_size: int = 512) -> dict[str, float]:
     """Accuracy, mean entropy (nats) and the wrong share of confident (p_max > 0.9) predictions."""
-    from fusion.data.taskpool import loader
+    from fusion.data.contract import iterate_batches
 
     correct = entropy = confident = confident_wrong = n = 0
-    for x, y in loader(dataset, batch_size):
+    for x, y in iterate_batches(dataset, batch_size):
         p = heads(encoder(x), task).softmax(-1)
         pmax, pred = p.max(-1)
         correct += int((pred == y).sum())

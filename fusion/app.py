@@ -3,14 +3,17 @@
     fusion                                   # the default experiment on mini8
     fusion method=ties                       # any file in conf/method/
     fusion -m method=task_arithmetic,ties    # a sweep (local, or hydra/launcher=slurm)
+    fusion trainer=gpu                       # everything (merges, statistics, training, evaluation) on the GPU
     fusion trainer=ddp trainer.devices=4     # learned methods on 4 GPUs (only rank 0 evaluates and writes)
     fusion resume=outputs/<method>/<time>    # continue a learned run from its checkpoints/last.ckpt
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -21,28 +24,43 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from fusion.evaluate import evaluate, summarize
+from fusion.data.contract import check_task_pool
+from fusion.evaluate import summarize
 from fusion.methods.base import RunContext
 from fusion.report import print_results
 from fusion.train.checkpoint import PeriodicCheckpoint, resume_checkpoint, with_callbacks
-from fusion.utils import atomic_write_json, configure_threads
+from fusion.utils import atomic_write_json, configure_threads, resolve_device
 
 log = logging.getLogger("fusion")
 # absolute: a relative path would be resolved as the module `conf` when started as the `fusion` console script
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def reference_rows(pool, taskpool, batch_size: int) -> dict[str, Any]:
-    """Pretrained (zero-shot) and individual-expert test accuracies: from the pool manifest, else measured."""
-    cached = pool.manifest.get("accuracy", {}).get("test", {})
-    rows = {}
+def reference_rows(pool, taskpool, ctx: RunContext) -> dict[str, Any]:
+    """Pretrained (zero-shot) and individual-expert test accuracies of ``pool`` on *this* task pool.
+
+    Measured once per (pool, task-pool fingerprint) and cached under ``<fusion cache>/reference``; the pool
+    manifest's own accuracies are used only when it records the same task-pool fingerprint. Rows are never taken
+    from another dataset that merely shares task names.
+    """
+    from fusion.data.cache import default_cache_dir
+
+    fingerprint = taskpool.fingerprint()
+    path = default_cache_dir() / "reference" / f"{pool.content_key()}-{fingerprint}.json"
+    measured = pool.manifest.get("accuracy", {})
+    cached = measured.get("test", {}) if measured.get("taskpool_fingerprint") == fingerprint else {}
+    if not cached and path.is_file():
+        cached = json.loads(path.read_text())
+    rows, fresh = {}, {}
     for name in ("pretrained", "individual"):
         per_task = cached.get(name, {}).get("per_task", {})
-        if all(t in per_task for t in pool.tasks):
-            rows[name] = summarize({t: per_task[t] for t in pool.tasks})
-            continue
-        encoder = pool.encoder if name == "pretrained" else {t: pool.expert_encoder(t) for t in pool.tasks}
-        rows[name] = summarize(evaluate(encoder, pool.heads, taskpool, split="test", batch_size=batch_size))
+        if not all(t in per_task for t in pool.tasks):
+            encoder = pool.encoder if name == "pretrained" else {t: pool.expert_encoder(t) for t in pool.tasks}
+            per_task = ctx.evaluate(encoder, pool.heads, taskpool, "test")
+            fresh[name] = summarize(per_task)
+        rows[name] = summarize({t: per_task[t] for t in pool.tasks})
+    if fresh:
+        atomic_write_json(path, {**cached, **fresh, "taskpool": taskpool.name, "taskpool_fingerprint": fingerprint})
     return rows
 
 
@@ -135,23 +153,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     start = time.time()
     configure_threads(cfg.get("num_threads"))
+    device = resolve_device(cfg.trainer.get("accelerator"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    pool = instantiate(cfg.modelpool)
-    taskpool = instantiate(cfg.taskpool).select(pool.tasks)
+    pool = instantiate(cfg.modelpool).to(device)
+    taskpool = check_task_pool(instantiate(cfg.taskpool), f"taskpool ({cfg.taskpool.get('_target_')})")
+    taskpool = taskpool.select(pool.tasks)
     method = instantiate(cfg.method)
     name = cfg.method.get("name") or method.__class__.__name__
     ctx = RunContext(output_dir=out, seed=int(cfg.seed), trainer=trainer_factory(cfg, out, name, pool.pool_hash),
-                     loggers=start_loggers(cfg), eval_batch_size=int(cfg.eval_batch_size))
+                     loggers=start_loggers(cfg), eval_batch_size=int(cfg.eval_batch_size), device=device)
     outcome = method.run(pool, taskpool, ctx)
     if leave_process_group() != 0:
         return {}
-    merged = summarize(evaluate(outcome.encoder, pool.heads, taskpool, split="test", batch_size=ctx.eval_batch_size))
+    merged = summarize(ctx.evaluate(outcome.encoder, pool.heads, taskpool, "test"))
     results = {
-        "method": name, "modelpool": pool.name,
-        **merged, "reference": reference_rows(pool, taskpool, ctx.eval_batch_size),
-        "protocol": outcome.protocol, "seed": int(cfg.seed), "pool_hash": pool.pool_hash,
+        "method": name, "modelpool": pool.name, "taskpool": taskpool.name,
+        "taskpool_fingerprint": taskpool.fingerprint(),
+        **merged, "reference": reference_rows(pool, taskpool, ctx),
+        "protocol": outcome.protocol, "seed": int(cfg.seed), "pool_hash": pool.pool_hash, "device": str(device),
         "method_info": outcome.info, "wall_time_s": round(time.time() - start, 2),
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
@@ -164,7 +185,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def report_user_errors(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """A user's mistake (see :mod:`fusion.errors`) raised by ``job`` becomes one message and exit status 2
+    (``FUSION_DEBUG=1`` keeps the traceback); bugs keep theirs. Inside the Hydra job, which would print any
+    exception's traceback itself."""
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(job)
+    def wrapped(cfg: DictConfig) -> Any:
+        from fusion.errors import user_error_types
+
+        try:
+            return job(cfg)
+        except user_error_types() as err:
+            if os.environ.get("FUSION_DEBUG"):
+                raise
+            print(f"fusion: error: {err}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns the mean test accuracy (for Hydra sweepers; None on DDP ranks > 0)."""
     return train(cfg).get("mean_accuracy")

@@ -1,25 +1,34 @@
-"""Per-task accuracy of an encoder + frozen heads on a task pool split (torchmetrics)."""
+"""Per-task accuracy of an encoder + frozen heads on a task pool split (torchmetrics), on the run's device."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from fusion.data.taskpool import loader
+from fusion.data.contract import check_task_dataset, iterate_batches
+from fusion.utils import progress
 
 Encoder = Callable[[Tensor], Tensor]
+
+
+def on_device(module: Encoder, device: torch.device) -> Encoder:
+    """``module`` moved to ``device`` (in place, as ``nn.Module.to``); plain callables are left as they are."""
+    return module.to(device) if isinstance(module, nn.Module) else module
 
 
 @torch.no_grad()
 def task_accuracy(encoder: Encoder, heads, dataset, task: str, *, batch_size: int = 512,
                   device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``heads(encoder(x), task)`` over ``dataset``."""
+    """Top-1 accuracy of ``heads(encoder(x), task)`` over ``dataset``, batches read one at a time onto ``device``."""
+    device = torch.device(device)
+    check_task_dataset(dataset, f"task '{task}'")
+    encoder, heads = on_device(encoder, device), on_device(heads, device)
     metric = MulticlassAccuracy(num_classes=heads.num_classes(task), average="micro").to(device)
-    for x, y in loader(dataset, batch_size):
-        logits = heads(encoder(x.to(device)), task)
-        metric.update(logits.argmax(-1), y.to(device))
+    for x, y in iterate_batches(dataset, batch_size):
+        logits = heads(encoder(x.to(device, non_blocking=True)), task)
+        metric.update(logits.argmax(-1), y.to(device, non_blocking=True))
     return float(metric.compute())
 
 
@@ -29,7 +38,7 @@ def evaluate(encoder: Encoder | dict[str, Encoder], heads, taskpool, *, split: s
     """``{task: accuracy}``; ``encoder`` is one model for all tasks or a ``{task: model}`` mapping
     (e.g. the individual experts)."""
     out = {}
-    for task in tasks or taskpool.tasks:
+    for task in progress(list(tasks or taskpool.tasks), f"evaluating on {split}"):
         enc = encoder[task] if isinstance(encoder, dict) else encoder
         out[task] = task_accuracy(enc, heads, taskpool.dataset(task, split), task, batch_size=batch_size,
                                   device=device)

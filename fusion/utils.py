@@ -90,3 +90,35 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex sha256 of ``obj``'s canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def progress(iterable, description: str, total: int | None = None):
+    """``iterable`` with a rich progress bar (elapsed time and ETA) on an interactive terminal; plain otherwise."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return iterable
+    from rich.progress import track
+
+    return track(iterable, description=description, total=total, transient=True, console=None)
+
+
+def resolve_device(accelerator: str | None, source: str = "trainer.accelerator") -> torch.device:
+    """The device a run uses, from its trainer's ``accelerator`` (``cpu``, ``gpu``/``cuda``, ``mps``, ``auto``).
+
+    ``gpu`` on a machine without CUDA is a :class:`fusion.errors.ConfigError` naming the config and the fix.
+    """
+    from fusion.errors import ConfigError
+
+    name = str(accelerator or "cpu").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{source}={accelerator} (trainer=gpu, ddp or fsdp: conf/trainer/gpu.yaml) needs CUDA, "
+                              f"but torch.cuda.is_available() is False on this machine (torch {torch.__version__}). "
+                              "Run with trainer=cpu (or trainer.accelerator=cpu), or on a machine with a GPU")
+        return torch.device("cuda")
+    if name in ("cpu", "mps"):
+        return torch.device(name)
+    raise ConfigError(f"{source}={accelerator} is not an accelerator fusion runs on; use cpu, gpu, mps or auto")

@@ -63,3 +63,9 @@ def tiny_pool(tiny_dirs):
     from fusion.pools.pool import load_pool
 
     return load_pool(tiny_dirs[0])
+
+
+@pytest.fixture(scope="session")
+def other_tiny_taskpool() -> InMemoryTaskPool:
+    """The tiny pool's task names and class names over other images (another dataset with the same names)."""
+    return synthetic_taskpool(seed=7)

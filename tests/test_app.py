@@ -104,3 +104,37 @@ def test_mini8_pool_keeps_the_apps_thread_setting(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_reference_rows_come_from_the_task_pool_of_the_run(tiny_dirs, tiny_pool, other_tiny_taskpool, tmp_path,
+                                                           monkeypatch):
+    """Another task pool with the same task names gets its own measured rows, never the manifest's."""
+    from fusion.data.taskpool import save_taskpool
+    from fusion.evaluate import evaluate
+
+    monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "cache"))
+    other = other_tiny_taskpool  # same tasks and class names, other images
+    save_taskpool(other, tmp_path / "other")
+    own = run_app(tiny_dirs, tmp_path / "own", "simple_average")
+    manifest = tiny_pool.manifest["accuracy"]["test"]
+    assert own["reference"]["pretrained"]["per_task"] == manifest["pretrained"]["per_task"]  # the builder's task pool
+    res = run_app(tiny_dirs, tmp_path / "b", "simple_average", f"taskpool.directory={tmp_path / 'other'}")
+    want = evaluate(tiny_pool.encoder, tiny_pool.heads, other, split="test")  # independent evaluation
+    assert res["reference"]["pretrained"]["per_task"] == pytest.approx(want, abs=1e-6)
+    assert res["reference"]["pretrained"]["per_task"] != manifest["pretrained"]["per_task"]
+    assert res["taskpool_fingerprint"] == other.fingerprint() != own["taskpool_fingerprint"]
+    cached = list((tmp_path / "cache" / "reference").glob(f"*-{other.fingerprint()}.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["taskpool_fingerprint"] == other.fingerprint()
+
+
+def test_gpu_trainer_without_cuda_is_one_message_naming_the_config(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "FUSION_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "fusion.app", "trainer=gpu", "method=ties", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trainer.accelerator=gpu" in proc.stderr and "conf/trainer/gpu.yaml" in proc.stderr
+    assert "trainer=cpu" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()  # failed before building or reading anything

@@ -2,8 +2,10 @@
 
 Each task is an :class:`HFTaskSpec`: where the data is (a hub id, loaded with ``datasets.load_dataset``, or a
 local ``save_to_disk`` folder, loaded with ``datasets.load_from_disk``), which splits, columns, class names and
-prompt templates it has. Items are ``(transform(image) Tensor[3, H, W], label)``; the transform is CLIP's
-validation preprocessing (``open_clip.image_transform(224, is_train=False)`` unless one is passed in).
+prompt templates it has. The transform is CLIP's validation preprocessing
+(``open_clip.image_transform(224, is_train=False)`` unless one is passed in). A split is decoded once with it into
+the decoded cache (:mod:`fusion.data.decoded`) and served as an :class:`~fusion.data.taskpool.ImageTensorDataset`:
+batches by index, bit-identical to applying the transform image by image.
 The shipped specs are in :mod:`fusion.data.clip_task_specs`.
 
 Offline (``HF_HUB_OFFLINE=1``, or no network), a hub dataset must already be in the HF cache; otherwise
@@ -18,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor
-from torch.utils.data import Dataset
-
 from fusion.data.clip_task_specs import SPECS
-from fusion.data.taskpool import SPLITS, EmptyDatasetError
+from fusion.data.decoded import decode_split, split_transform
+from fusion.data.taskpool import SPLITS, EmptyDatasetError, ImageTensorDataset
+from fusion.utils import sha256_json
 
 _LIKELY_IMAGE = ("image", "img", "jpg", "png", "pixel_values")
 _LIKELY_LABEL = ("label", "labels", "fine_label", "cls", "target")
@@ -80,33 +81,20 @@ def task_spec(task: str, **overrides: Any) -> HFTaskSpec:
     return HFTaskSpec(task=task, **merged)
 
 
-class HFImageDataset(Dataset):
-    """``(transform(image), label)`` items of one split of an HF dataset."""
-
-    def __init__(self, data, image_column: str, label_column: str, transform: Callable, name: str):
-        if len(data) == 0:
-            raise EmptyDatasetError(f"dataset '{name}' is empty; check the split names of the task spec")
-        self.data = data.select_columns([image_column, label_column])
-        self.image_column, self.label_column, self.transform, self.name = image_column, label_column, transform, name
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        row = self.data[int(i)]
-        return self.transform(row[self.image_column]), int(row[self.label_column])
-
-
 class HFTaskPool:
-    """The task-pool interface (``tasks``, ``dataset``, ``classnames``, ``templates``, ``select``) over HF data.
+    """The task-pool contract (:class:`fusion.data.contract.TaskPool`) over HF datasets.
 
-    Each split is opened lazily (first ``dataset`` / ``classnames`` call) and validated then.
+    Each split is opened lazily (first ``dataset`` / ``classnames`` call) and validated then; ``dataset`` decodes
+    it once into ``decoded_cache`` (default ``<fusion cache>/decoded``) with ``decode_workers`` processes
+    (``None``: up to 8 for splits of more than 2,000 images, else in this process).
     """
 
     def __init__(self, specs: Mapping[str, HFTaskSpec], transform: Callable | None = None,
-                 cache_dir: str | None = None, name: str = "hf"):
+                 cache_dir: str | None = None, name: str = "hf", decoded_cache: str | None = None,
+                 decode_workers: int | None = None):
         self.specs, self.name, self.cache_dir = dict(specs), name, cache_dir
         self.transform = transform if transform is not None else default_transform()
+        self.decoded_cache, self.decode_workers = decoded_cache, decode_workers
         self._opened: dict[tuple[str, str], Any] = {}
 
     @property
@@ -118,10 +106,18 @@ class HFTaskPool:
             raise KeyError(f"task pool '{self.name}' has no task '{task}'; tasks: {self.tasks}")
         return self.specs[task]
 
-    def dataset(self, task: str, split: str) -> HFImageDataset:
-        spec = self._spec(task)
-        data = self._split(task, split)
-        return HFImageDataset(data, spec.image_column, spec.label_column, self.transform, f"{task}/{split}")
+    def dataset(self, task: str, split: str) -> ImageTensorDataset:
+        """``split`` of ``task`` decoded with the pool's transform (cached on disk, memory-mapped)."""
+        spec, data = self._spec(task), self._split(task, split)
+        name = f"{self.name}/{task}/{split}"
+        if len(data) == 0:
+            raise EmptyDatasetError(f"dataset '{name}' ({spec.source}) is empty; check the split names of the task "
+                                    f"spec (`overrides.{task}.splits`)")
+        cut = split_transform(self.transform)
+        images, labels = decode_split(data, spec.image_column, spec.label_column, cut, self._decoded_dir(), name,
+                                      self._workers(len(data)))
+        return ImageTensorDataset(images, labels, cut.mean, cut.std, name) if cut.whole is None else \
+            ImageTensorDataset(images, labels, name=name)
 
     def classnames(self, task: str) -> tuple[str, ...]:
         spec = self._spec(task)
@@ -136,9 +132,31 @@ class HFTaskPool:
     def select(self, tasks: Sequence[str] | None) -> "HFTaskPool":
         if tasks is None:
             return self
-        pool = HFTaskPool({t: self._spec(t) for t in tasks}, self.transform, self.cache_dir, self.name)
+        pool = HFTaskPool({t: self._spec(t) for t in tasks}, self.transform, self.cache_dir, self.name,
+                          self.decoded_cache, self.decode_workers)
         pool._opened = {k: d for k, d in self._opened.items() if k[0] in tasks}
         return pool
+
+    def fingerprint(self) -> str:
+        """Hash of every task's test-split fingerprint, columns, class names, templates and the transform."""
+        parts = [repr(self.transform)]
+        for task in self.tasks:
+            spec, data = self._spec(task), self._split(task, "test")
+            parts.append([task, getattr(data, "_fingerprint", len(data)), spec.image_column, spec.label_column,
+                          list(self.classnames(task)), list(spec.templates)])
+        return sha256_json(parts)[:16]
+
+    def _decoded_dir(self) -> Path:
+        from fusion.data.cache import default_cache_dir
+
+        return Path(self.decoded_cache).expanduser() if self.decoded_cache else default_cache_dir() / "decoded"
+
+    def _workers(self, n: int) -> int:
+        import os
+
+        if self.decode_workers is not None:
+            return int(self.decode_workers)
+        return min(8, max(0, len(os.sched_getaffinity(0)) - 1)) if n > 2000 else 0
 
     def _split(self, task: str, split: str):
         """The HF dataset of one split, opened on first use and validated against the spec."""
@@ -243,7 +261,7 @@ def default_transform(image_size: int = 224) -> Callable:
 def hf_taskpool(tasks: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None,
                 data_root: str | None = None, transform: Callable | None = None, image_size: int = 224,
                 cache_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-                name: str = "hf") -> HFTaskPool:
+                name: str = "hf", decoded_cache: str | None = None, decode_workers: int | None = None) -> HFTaskPool:
     """An :class:`HFTaskPool` of ``tasks`` from the shipped specs.
 
     Args:
@@ -252,6 +270,7 @@ def hf_taskpool(tasks: Sequence[str], overrides: Mapping[str, Mapping[str, Any]]
             ``path``.
         data_root: a folder of ``save_to_disk`` copies named by task; used for tasks that have a folder there.
         transform: image → ``Tensor[3, H, W]`` (default: CLIP's validation preprocessing at ``image_size``).
+        decoded_cache, decode_workers: where and with how many processes splits are decoded (see HFTaskPool).
     """
     overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides) - set(tasks))
@@ -263,4 +282,5 @@ def hf_taskpool(tasks: Sequence[str], overrides: Mapping[str, Mapping[str, Any]]
         if data_root and "path" not in extra and (Path(data_root).expanduser() / task).is_dir():
             extra["path"] = str(Path(data_root).expanduser() / task)
         specs[task] = task_spec(task, **extra)
-    return HFTaskPool(specs, transform if transform is not None else default_transform(image_size), cache_dir, name)
+    return HFTaskPool(specs, transform if transform is not None else default_transform(image_size), cache_dir, name,
+                      decoded_cache, decode_workers)

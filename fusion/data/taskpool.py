@@ -1,18 +1,19 @@
-"""Task pools: per task and split, a torch dataset of ``(image Tensor[3, H, W], label)``.
+"""Task pools held as decoded tensors (the synthetic test pools, a saved directory) and the mini8 benchmark.
 
-:class:`InMemoryTaskPool` keeps small benchmarks (mini8) as uint8 tensors and converts whole batches at
-once (``__getitems__``), so loading costs nothing next to the model. Every pool exposes
-``tasks``, ``dataset(task, split)``, ``classnames(task)`` and ``templates(task)``.
+Every pool here honours :class:`fusion.data.contract.TaskPool`; its datasets are :class:`ImageTensorDataset`
+(decoded ``uint8`` images normalised per batch). mini8 is an :class:`fusion.data.hf_tasks.HFTaskPool` over its
+``save_to_disk`` folders — the same HF-datasets code, decoded cache included, as the real CLIP benchmarks.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 SPLITS = ("train", "val", "test")
 
@@ -22,14 +23,19 @@ class EmptyDatasetError(ValueError):
 
 
 class ImageTensorDataset(Dataset):
-    """uint8 images ``[N, C, H, W]`` (C = 1 or 3) and int64 labels; items are normalised float ``[3, H, W]``.
+    """Decoded images and int64 labels of one task split; :meth:`batch` gives normalised ``float32 [B, 3, H, W]``.
 
-    Normalisation: ``(x / 255 − mean) / std`` per channel; grey images are repeated to 3 channels.
+    ``images`` is ``uint8 [N, C, H, W]`` (C = 1 or 3; a tensor, or a memory-mapped array of the decoded cache)
+    normalised per batch as ``ToTensor`` + ``Normalize`` do: ``(x / 255 − mean) / std`` (per channel when
+    ``mean`` is a tuple); grey images are repeated to 3 channels. ``float32`` images are taken as they are.
+    Implements :class:`fusion.data.contract.TaskDataset`.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, mean: float = 0.5, std: float = 0.5, name: str = "?"):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"dataset '{name}': images must be uint8 [N, C, H, W], got {images.dtype} "
+    def __init__(self, images: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+                 mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5, name: str = "?"):
+        images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+        if images.dtype not in (torch.uint8, torch.float32) or images.dim() != 4:
+            raise ValueError(f"dataset '{name}': images must be uint8 (or float32) [N, C, H, W], got {images.dtype} "
                              f"{tuple(images.shape)}")
         if len(images) == 0:
             raise EmptyDatasetError(f"dataset '{name}' is empty; rebuild the benchmark or check the split name")
@@ -41,21 +47,38 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
     def _convert(self, x: Tensor) -> Tensor:
-        x = (x.float() / 255.0 - self.mean) / self.std
+        if x.dtype == torch.uint8:
+            if isinstance(self.mean, (int, float)) and isinstance(self.std, (int, float)):
+                x = (x.float() / 255.0 - self.mean) / self.std
+            else:  # torchvision's ToTensor + Normalize, operation for operation
+                shape = (-1, 1, 1)
+                mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
+                std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+                x = x.float().div(255).sub(mean).div(std)
         return x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return self._convert(self.images[i]), self.labels[i]
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
-        idx = torch.as_tensor(indices)
-        x, y = self._convert(self.images[idx]).contiguous(), self.labels[idx]
-        return [(x, y)]  # one pre-collated item, see collate_batched
+        return [self.batch(torch.as_tensor(indices))]  # one pre-collated item, see collate_batched
 
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """A normalised batch ``(Tensor[B, 3, H, W], Tensor[B])``."""
-        return self._convert(self.images[indices]).contiguous(), self.labels[indices]
+        """A normalised batch ``(Tensor[B, 3, H, W], Tensor[B])`` on :attr:`device`."""
+        idx = torch.as_tensor(indices, device=self.images.device)
+        return self._convert(self.images[idx]).contiguous(), self.labels[idx.to(self.labels.device)]
+
+    def to(self, device: str | torch.device) -> "ImageTensorDataset":
+        """The same split with its images resident on ``device`` (one copy; batches are made there)."""
+        device = torch.device(device)
+        if device == self.images.device:
+            return self
+        return ImageTensorDataset(self.images.to(device), self.labels.to(device), self.mean, self.std, self.name)
 
 
 def collate_batched(items: list) -> tuple[Tensor, Tensor]:
@@ -78,6 +101,7 @@ class InMemoryTaskPool:
     def __init__(self, name: str, data: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]],
                  info: Mapping[str, TaskInfo]):
         self.name, self._data, self._info = name, dict(data), dict(info)
+        self._fingerprint: str | None = None
 
     @property
     def tasks(self) -> list[str]:
@@ -107,63 +131,49 @@ class InMemoryTaskPool:
             self._check(t, "test")
         return InMemoryTaskPool(self.name, {t: self._data[t] for t in tasks}, {t: self._info[t] for t in tasks})
 
+    def fingerprint(self) -> str:
+        """sha256 of every tensor's bytes, the class names and templates (computed once)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for task in self.tasks:
+                h.update(repr((task, self._info[task].classnames, self._info[task].templates)).encode())
+                for split in sorted(self._data[task]):
+                    for tensor in self._data[task][split]:
+                        h.update(tensor.contiguous().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
-def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-           drop_last: bool = False) -> DataLoader:
-    """A single-process loader (in-memory data needs no workers) with a seeded shuffle."""
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last,
-                      collate_fn=collate_batched, num_workers=0)
+
+MINI8_MEAN_STD = (0.5, 0.5)
+
+
+def mini8_transform():
+    """mini8's preprocessing: the 32×32 grey image as it is, ``(x / 255 − 0.5) / 0.5``, repeated to 3 channels."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Normalize((MINI8_MEAN_STD[0],), (MINI8_MEAN_STD[1],))])
 
 
 def mini8_taskpool(root: str | None = None, tasks: Sequence[str] | None = None, build: bool = True,
-                   fetch: bool = True) -> InMemoryTaskPool:
-    """The mini8 benchmark as an :class:`InMemoryTaskPool` (built into the cache first when ``build``)."""
+                   fetch: bool = True, decoded_cache: str | None = None):
+    """The mini8 benchmark as an :class:`~fusion.data.hf_tasks.HFTaskPool` over its ``save_to_disk`` folders
+    (built into the cache first when ``build``)."""
     from pathlib import Path
 
-    from fusion.data.mini8 import build_mini8, load_mini8, read_manifest
-
-    from fusion.data.mini8 import default_root
+    from fusion.data.hf_tasks import HFTaskPool, HFTaskSpec
+    from fusion.data.mini8 import build_mini8, default_root, load_mini8, read_manifest
 
     path = Path(root) if root else default_root()
     if build:
         path = build_mini8(path, fetch=fetch)
+    names = list(tasks) if tasks is not None else None
+    load_mini8(path, tasks=names)  # raises Mini8NotBuiltError naming the build command when a task is missing
     manifest = read_manifest(path)
-    names = list(tasks) if tasks is not None else list(manifest["tasks"])
-    tensors = _tensor_cache(path, names, lambda: load_mini8(path, tasks=names))
-    data = {t: {s: (tensors[f"{t}/{s}/images"], tensors[f"{t}/{s}/labels"]) for s in SPLITS} for t in names}
-    info = {t: TaskInfo(tuple(manifest["tasks"][t]["classnames"]), tuple(manifest["tasks"][t]["templates"]))
-            for t in names}
-    return InMemoryTaskPool("mini8", data, info)
-
-
-def _tensor_cache(root, tasks: Sequence[str], load) -> dict[str, Tensor]:
-    """uint8 image / int64 label tensors of every task split, decoded once and kept as safetensors."""
-    from safetensors.torch import load_file
-
-    from fusion.utils import atomic_save_safetensors
-
-    path = root / "tensors.safetensors"
-    if path.is_file():
-        cached = load_file(str(path))
-        if all(f"{t}/test/images" in cached for t in tasks):
-            return cached
-    out = {}
-    for task, dd in load().items():
-        for split in SPLITS:
-            ds = dd[split].with_format("numpy")[:]
-            images = torch.from_numpy(np.stack(ds["image"])).to(torch.uint8)
-            out[f"{task}/{split}/images"] = images[:, None] if images.dim() == 3 else images
-            out[f"{task}/{split}/labels"] = torch.from_numpy(np.asarray(ds["label"], dtype=np.int64))
-    if tasks == list(read_all_tasks(root)):
-        atomic_save_safetensors(path, out)
-    return out
-
-
-def read_all_tasks(root) -> list[str]:
-    from fusion.data.mini8 import read_manifest
-
-    return list(read_manifest(root)["tasks"])
+    specs = {t: HFTaskSpec(task=t, path=str(path / t), splits={s: s for s in SPLITS},
+                           classnames=tuple(manifest["tasks"][t]["classnames"]),
+                           templates=tuple(manifest["tasks"][t]["templates"]))
+             for t in (names if names is not None else manifest["tasks"])}
+    return HFTaskPool(specs, mini8_transform(), name="mini8", decoded_cache=decoded_cache)
 
 
 def save_taskpool(pool: InMemoryTaskPool, directory) -> None:

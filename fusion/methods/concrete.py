@@ -88,7 +88,7 @@ class ConcreteAdaMerging:
         """Phase 1: the bi-level meta-learning of the mask; returns ``(final mask, info, summary)``."""
         tv = pool.task_vectors(dtype=getattr(torch, self.tv_dtype) if self.tv_dtype else None)
         model = self.model(base=pool.encoder, task_vectors=tv, init=init)
-        datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed)
+        datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed, device=ctx.device)
         if needs_labels(self.objective) and not datamodule.labeled:
             raise ValueError(f"objective '{objective_name(self.objective)}' needs labels but method.data.labeled is "
                              "false; set method.data.labeled=true and method.data.split=val")

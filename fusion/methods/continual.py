@@ -9,7 +9,6 @@ import statistics
 
 import torch
 
-from fusion.evaluate import evaluate
 from fusion.merge.opcm import opcm
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.static import merged_encoder
@@ -30,7 +29,7 @@ class OPCMMerge:
         for _ in range(self.num_orders):
             order = [pool.tasks[i] for i in torch.randperm(len(pool.tasks), generator=gen).tolist()]
             encoder = merged_encoder(pool, opcm(theta0, (pool.experts[t] for t in order), alpha=self.alpha))
-            acc = evaluate(encoder, pool.heads, taskpool, split="test", batch_size=ctx.eval_batch_size)
+            acc = ctx.evaluate(encoder, pool.heads, taskpool, "test")
             orders.append({"order": order, "mean_accuracy": sum(acc.values()) / len(acc)})
             first = first or encoder
         means = [o["mean_accuracy"] for o in orders]

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from fusion.data.contract import check_task_dataset
 from fusion.merge.fisher import diagonal_fisher, fisher_merge_delta
 from fusion.merge.regmean import default_linear_names, gram_matrices, regmean_delta
 from fusion.methods.base import MergeOutcome, RunContext
@@ -17,13 +18,14 @@ from fusion.methods.static import merged_encoder
 log = logging.getLogger(__name__)
 
 
-def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed: int, split: str = "train"):
-    """``num_samples`` seeded images of ``task``'s ``split`` as a list of ``[B, 3, H, W]`` batches."""
+def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed: int, split: str = "train",
+                   device: str | torch.device = "cpu"):
+    """``num_samples`` seeded images of ``task``'s ``split`` as a list of ``[B, 3, H, W]`` batches on ``device``."""
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}")
-    ds = taskpool.dataset(task, split)
+    ds = check_task_dataset(taskpool.dataset(task, split), f"task '{task}' ({split})")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return [ds.batch(idx[i:i + batch_size])[0] for i in range(0, len(idx), batch_size)]
+    return [ds.batch(idx[i:i + batch_size])[0].to(device) for i in range(0, len(idx), batch_size)]
 
 
 class FisherMerge:
@@ -39,7 +41,8 @@ class FisherMerge:
         fishers, experts = [], []
         for i, task in enumerate(pool.tasks):
             model = pool.expert_encoder(task)
-            batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i)
+            batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i,
+                                     device=ctx.device)
             params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
             fishers.append(diagonal_fisher(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches,
                                            seed=ctx.seed + i))
@@ -67,7 +70,8 @@ class RegMeanMerge:
         grams, experts = [], []
         for i, task in enumerate(pool.tasks):
             model = pool.expert_encoder(task)
-            batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i)
+            batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i,
+                                     device=ctx.device)
             grams.append(gram_matrices(model, lambda m, x: m(x), batches, default_linear_names(model)))
             experts.append(pool.experts[task])
         delta = regmean_delta(pool.pretrained_state(), experts, grams, self.alpha)

@@ -71,7 +71,7 @@ class LearnedMerge:
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
         init, init_tuning = self.initial_value(pool, taskpool, ctx)
         model = self.build_model(pool, init)
-        datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed)
+        datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed, device=ctx.device)
         if needs_labels(self.objective) and not datamodule.labeled:
             raise ValueError(f"objective '{objective_name(self.objective)}' needs labels but method.data.labeled is "
                              "false; set method.data.labeled=true and method.data.split=val")
@@ -83,6 +83,7 @@ class LearnedMerge:
             self.save_outputs(model, pool.tasks, ctx, suffix=".last_good")
             raise
         self.save_outputs(model, pool.tasks, ctx)
+        model.to(ctx.device)  # Lightning's teardown moved it back to the CPU
         info = {"init": init, "init_tuning": init_tuning, "steps": self.steps,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
         sharding = getattr(model, "sharding_info", lambda: None)()

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fusion.evaluate import evaluate
 from fusion.merge.task_vectors import StateDict, add_delta
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.openclip import copy_with_state, freeze
@@ -69,8 +68,8 @@ class StaticMerge:
                            f"({sorted(self.defaults())}); add them to fn or fix tune")
         scores = []
         for candidate in grid(self.tune):
-            acc = evaluate(merged_encoder(pool, self.merge(tv, {**self.defaults(), **candidate})), pool.heads, taskpool,
-                           split=self.tune_split, batch_size=ctx.eval_batch_size)
+            acc = ctx.evaluate(merged_encoder(pool, self.merge(tv, {**self.defaults(), **candidate})), pool.heads,
+                               taskpool, self.tune_split)
             scores.append({**candidate, "mean_accuracy": sum(acc.values()) / len(acc)})
             log.info("%s %s: %s mean accuracy %.4f", self.name, candidate, self.tune_split, scores[-1]["mean_accuracy"])
         best = max(scores, key=lambda s: s["mean_accuracy"])

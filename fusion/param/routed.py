@@ -374,10 +374,6 @@ def routing_matrix(model: RoutedEncoder, taskpool, tasks: Sequence[str], split: 
     is a random sample); a mean over 512 images is exact to ~0.01 and costs a fraction of a full extra pass of the
     routed model (which runs K+1 MLP products per block). ``None`` reads every image.
     """
-    from torch.utils.data import Subset
-
-    from fusion.data.taskpool import loader
-
     device, was_training = next(model.buffers()).device, model.training
     model.eval()
     rows = []
@@ -386,10 +382,9 @@ def routing_matrix(model: RoutedEncoder, taskpool, tasks: Sequence[str], split: 
             for task in tasks:
                 rec.clear()
                 data = taskpool.dataset(task, split)
-                if max_images is not None and len(data) > max_images:
-                    data = Subset(data, range(max_images))
-                for x, _ in loader(data, batch_size):
-                    model(x.to(device))
+                n = len(data) if max_images is None else min(len(data), max_images)
+                for start in range(0, n, batch_size):
+                    model(data.batch(torch.arange(start, min(start + batch_size, n)))[0].to(device))
                 rows.append(rec.mean())
     finally:
         model.train(was_training)

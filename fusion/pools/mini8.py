@@ -78,6 +78,7 @@ def pool_report(pool: ModelPool, taskpool, device: str = "cpu") -> dict[str, Any
                       "individual": summarize(evaluate(experts, pool.heads, taskpool, split=split, device=device))}
     pool.encoder.cpu(), pool.heads.cpu()
     stats = build.task_vector_stats(pool.pretrained_state(), pool.experts)
+    acc["taskpool_fingerprint"] = taskpool.fingerprint()  # the reference rows hold for this task pool only
     return {"accuracy": acc, "task_vectors": stats}
 
 

@@ -66,6 +66,18 @@ class ModelPool:
         return ModelPool(self.name, self.encoder, {t: self.experts[t] for t in tasks}, self.heads,
                          self.manifest, {t: self.sources.get(t, "<memory>") for t in tasks}, self.clip_dir)
 
+    def to(self, device: str | torch.device) -> "ModelPool":
+        """Move θ0, the experts and the heads to ``device`` (in place; task vectors and merges are then made there)."""
+        device = torch.device(device)
+        self.encoder.to(device)
+        self.heads.to(device)
+        self.experts = {t: {k: v.to(device) for k, v in state.items()} for t, state in self.experts.items()}
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
     def pretrained_state(self) -> StateDict:
         return {k: v.detach() for k, v in self.encoder.state_dict().items()}
 
@@ -77,9 +89,25 @@ class ModelPool:
         """A frozen copy of the encoder holding ``task``'s expert weights."""
         return freeze(copy_with_state(self.encoder, self.experts[task]))
 
+    def content_key(self) -> str:
+        """A hash of what the pool's weights are: the manifest's file hashes, else each source file's size and
+        modification time (so a replaced expert file is a new pool for every cache keyed by this)."""
+        files = self.manifest.get("files")
+        if not files:
+            files = {t: _stat(src) for t, src in sorted(self.sources.items())}
+        return sha256_json([self.pool_hash, files, self.tasks])[:16]
+
     @property
     def pool_hash(self) -> str:
         return self.manifest.get("pool_hash") or sha256_json(self.manifest)[:16]
+
+
+def _stat(source: str) -> list:
+    path = Path(source).expanduser()
+    if not path.exists():
+        return [source]
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return [source] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
 def save_pool(directory: str | Path, clip: nn.Module, model_cfg: dict[str, Any], experts: dict[str, StateDict],
