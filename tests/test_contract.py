@@ -139,6 +139,23 @@ def test_per_task_backward_equals_summed_loss(name):
     assert torch.allclose(per_task, model.weighting.lambdas.grad, atol=1e-6)
 
 
+def test_non_finite_loss_or_gradient_is_caught_once_per_step_naming_the_task():
+    from fusion.train.module import NonFiniteLossError
+
+    model, _ = build("layer_wise")
+    heads = TinyHeads([f"t{i}" for i in range(K)])
+    batch = batches()
+    loop = _Harness(model, heads, entropy, torch.optim.Adam)
+    losses = loop.task_losses(batch)
+    loop.check_finite(losses)  # finite: passes
+    bad = {**losses, "t1": torch.tensor(float("nan"))}
+    with pytest.raises(NonFiniteLossError, match="on task 't1'"):
+        loop.check_finite(bad)
+    model.weighting.lambdas.grad[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient"):
+        loop.check_finite(losses)
+
+
 @pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
 def test_entropy_steps_lower_entropy_and_move_coefficients(name):
     model, _ = build(name)

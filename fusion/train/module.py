@@ -35,7 +35,7 @@ class NonFiniteLossError(FloatingPointError):
 def backward_through_state(state: Mapping[str, Tensor], leaves: Mapping[str, Tensor], backward: Callable) -> None:
     """Propagate the gradients accumulated on ``leaves`` back through ``state`` (one backward)."""
     pairs = [(state[k], leaves[k].grad) for k in state if leaves[k].grad is not None and state[k].requires_grad]
-    if pairs:
+    if pairs:  # ⟨state, g⟩ summed over tensors: its gradient in each state tensor is exactly g
         backward(sum((s * g).sum() for s, g in pairs))
 
 
@@ -93,9 +93,6 @@ class MergeTraining(pl.LightningModule):
         losses = {}
         for task, (images, labels) in batch.items():
             loss = self.objective(self.heads(self.model(images, leaves), task), labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite {self.loss_name} ({float(loss)}) on task '{task}' at step "
-                                         f"{self.global_step}; lower the learning rate or enable clamping")
             self.manual_backward(loss)
             losses[task] = loss.detach()
         backward_through_state(state, leaves, self.manual_backward)
@@ -108,19 +105,33 @@ class MergeTraining(pl.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         losses = self.task_losses(batch)
-        for p in self.trainable_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise NonFiniteLossError(f"non-finite gradient at step {self.global_step}; parameters not updated")
+        self.check_finite(losses)
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
             sched.step()
         total = torch.stack(list(losses.values())).sum()
-        self.log(f"train/{self.loss_name}", total, prog_bar=True)
+        self.log(f"train/{self.loss_name}", total, prog_bar=self.trainer.progress_bar_callback is not None)
         for task, loss in losses.items():
             self.log(f"train/{self.loss_name}/{task}", loss)
-        stats = getattr(self.model, "stats", None)
-        for key, value in (stats() if stats else {}).items():
-            if math.isfinite(value):
-                self.log(f"train/{key}", value)
+        if self.trainer._logger_connector.should_update_logs:  # stats read the device: only on the steps logged
+            stats = getattr(self.model, "stats", None)
+            for key, value in (stats() if stats else {}).items():
+                if math.isfinite(value):
+                    self.log(f"train/{key}", value)
         return total
+
+    def check_finite(self, losses: Mapping[str, Tensor]) -> None:
+        """One device sync per step: every loss and trainable gradient finite, else :class:`NonFiniteLossError`
+        naming the first bad task (the parameters are not updated)."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        ok = torch.isfinite(torch.stack(list(losses.values()))).all()
+        for g in grads:
+            ok = ok & torch.isfinite(g).all().to(ok.device)
+        if bool(ok):
+            return
+        bad = [t for t, v in losses.items() if not torch.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"non-finite {self.loss_name} ({float(losses[bad[0]])}) on task '{bad[0]}' at "
+                                     f"step {self.global_step}; lower the learning rate or enable clamping")
+        raise NonFiniteLossError(f"non-finite gradient at step {self.global_step}; parameters not updated")
