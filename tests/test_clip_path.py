@@ -260,24 +260,73 @@ def _fixture_dataset(path: Path, names: list[str], n: int = 30, columns=("image"
 
 
 def test_hf_taskpool_reads_local_datasets(tmp_path):
-    from fusion.data.hf_tasks import hf_taskpool
+    import datasets
+
+    from fusion.data.contract import check_task_dataset, check_task_pool
+    from fusion.data.hf_tasks import default_transform, hf_taskpool
 
     _fixture_dataset(tmp_path / "sun397", ["/a/abbey", "/a/airplane_cabin", "/b/bowling_alley"])
     _fixture_dataset(tmp_path / "mnist", [str(i) for i in range(10)], n=40)
-    pool = hf_taskpool(["sun397", "mnist"], data_root=str(tmp_path), image_size=32, val_fraction=0.2, seed=1)
+    cache = tmp_path / "decoded"
+    pool = check_task_pool(hf_taskpool(["sun397", "mnist"], data_root=str(tmp_path), image_size=32, val_fraction=0.2,
+                                       seed=1, decoded_cache=str(cache)))
     assert pool.classnames("sun397") == ("abbey", "airplane cabin", "bowling alley")  # ClassLabel, cleaned
     assert pool.classnames("mnist") == tuple("0123456789")
     assert pool.templates("mnist") == ('a photo of the number: "{}".',)
-    train, val, test = (pool.dataset("mnist", s) for s in ("train", "val", "test"))
+    train, val, test = (check_task_dataset(pool.dataset("mnist", s)) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (32, 8, 20)
-    x, y = val[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    x, y = test.batch(torch.arange(20))
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # the decoded cache gives exactly what CLIP's transform gives image by image (independent computation)
+    raw = datasets.load_from_disk(str(tmp_path / "mnist"))["test"]
+    transform = default_transform(32)
+    assert torch.equal(x, torch.stack([transform(im) for im in raw["image"]]))
+    assert torch.equal(y, torch.as_tensor(raw["label"]))
     assert x.std() > 0.1  # CLIP-normalised pixels, not a constant
-    pixels = [{np.asarray(im).tobytes() for im in d.data["image"]} for d in (train, val)]
+    pixels = [{bytes(im.numpy().tobytes()) for im in d.images} for d in (train, val)]
     assert not pixels[0] & pixels[1] and len(pixels[0]) == 32  # val carved from train, disjoint
     assert pool.select(["mnist"]).tasks == ["mnist"]
-    again = hf_taskpool(["mnist"], data_root=str(tmp_path), image_size=32, val_fraction=0.2, seed=1)
-    assert torch.equal(again.dataset("mnist", "val")[3][0], val[3][0])  # seeded carve
+    again = hf_taskpool(["mnist"], data_root=str(tmp_path), image_size=32, val_fraction=0.2, seed=1,
+                        decoded_cache=str(cache))
+    assert torch.equal(again.dataset("mnist", "val").batch(torch.tensor([3]))[0], val.batch(torch.tensor([3]))[0])
+    assert len(list(cache.iterdir())) == 3  # mnist train/val/test; the reopened val read the cache, sun397 unread
+    other = hf_taskpool(["mnist"], data_root=str(tmp_path), image_size=24, decoded_cache=str(cache))
+    assert other.dataset("mnist", "test").batch(torch.arange(2))[0].shape == (2, 3, 24, 24)
+    assert other.fingerprint() != again.fingerprint()  # another transform: another data identity
+
+
+def test_decoded_cache_is_reused_and_keyed_by_transform(tmp_path, monkeypatch):
+    import fusion.data.decoded as decoded
+    from fusion.data.hf_tasks import hf_taskpool
+
+    _fixture_dataset(tmp_path / "mnist", [str(i) for i in range(10)], n=20)
+    kwargs = {"data_root": str(tmp_path), "image_size": 32, "decoded_cache": str(tmp_path / "dec")}
+    first = hf_taskpool(["mnist"], **kwargs).dataset("mnist", "test").batch(torch.arange(10))[0]
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(decoded, "_write", boom)
+    second = hf_taskpool(["mnist"], **kwargs).dataset("mnist", "test").batch(torch.arange(10))[0]
+    assert torch.equal(first, second)
+    with pytest.raises(AssertionError, match="decoded again"):  # another preprocessing is never read from the cache
+        hf_taskpool(["mnist"], **{**kwargs, "image_size": 28}).dataset("mnist", "test")
+
+
+def test_task_contract_names_the_class_and_the_missing_methods():
+    from fusion.data.contract import TaskContractError, check_task_dataset, check_task_pool
+
+    class NoBatch:
+        name = "x"
+
+        def __len__(self):
+            return 1
+
+    with pytest.raises(TaskContractError, match=r"NoBatch is not a task dataset: it lacks \['batch', 'to'\]"):
+        check_task_dataset(NoBatch())
+    with pytest.raises(TaskContractError, match=r"StubTaskPool is not a task pool: it lacks \['dataset', 'select', "
+                                                r"'fingerprint'\]"):
+        check_task_pool(TASKS, "taskpool (tests.StubTaskPool)")
 
 
 def test_hf_taskpool_column_and_classname_errors(tmp_path):
@@ -343,14 +392,32 @@ def test_shipped_specs_are_consistent():
 
 # -------------------------------------------------------------------------------------------- GPU benchmark
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
+    """The GPU benchmark times the library's MergeTraining under a real Trainer (smoke run on CPU)."""
+    import open_clip
+
+    from fusion.train.module import MergeTraining
+
     spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu_adamerging_vitb32.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     model = tmp_path / "fusion-bench-tiny.json"
     model.write_text(json.dumps(TINY))
     out = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--model", str(model), "--image-size", "32", "--steps", "1",
-                       "--warmup", "0", "--num-tasks", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    argv = ["--device", "cpu", "--model", str(model), "--image-size", "32", "--steps", "2", "--warmup", "1",
+            "--num-tasks", "2", "--batch-size", "4", "--threads", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
     result = json.loads(out.read_text())
-    assert result["num_tensors"] == 32 and result["num_tasks"] == 2 and result["lambda_changed"]
+    tower = open_clip.create_model("fusion-bench-tiny", pretrained=None, force_image_size=32).visual
+    floating = sum(p.is_floating_point() for p in tower.parameters())
+    assert result["loop"] == "fusion.train.module.MergeTraining"
+    assert result["lambda_changed"] is True
+    assert result["steps"] == 2 and len(result["step_seconds"]) == 2
+    assert result["num_tensors"] == floating and result["num_tasks"] == 2 and result["precision"] == "32-true"
     assert result["step_seconds_median"] > 0 and result["ratio_to_floor"] > 0
+    assert result["seconds_per_1000_steps"] == pytest.approx(1000 * result["step_seconds_median"])
+    module, data = bench.build(bench.parse(argv), torch.device("cpu"))
+    assert type(module) is MergeTraining and isinstance(module, MergeTraining)
+    assert type(data).__module__ == "fusion.train.datamodule"  # the library's stream, not a copy
+    batch = bench.first_batch(data)
+    assert list(batch) == module.heads.tasks and all(x.shape == (4, 3, 32, 32) and y is None
+                                                     for x, y in batch.values())
