@@ -130,6 +130,14 @@ def finish_loggers(loggers: list, metrics: dict[str, float], out: Path) -> None:
                         type(logger).__name__, type(err).__name__, err)
 
 
+def is_distributed(trainer: DictConfig) -> bool:
+    """Whether conf/trainer starts several processes (devices × num_nodes > 1)."""
+    devices = trainer.get("devices") or 1
+    count = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else \
+        (torch.cuda.device_count() if devices in ("auto", -1) else int(devices))
+    return count * int(trainer.get("num_nodes") or 1) > 1
+
+
 def trainer_factory(cfg: DictConfig, out: Path, method: str, pool_hash: str):
     """A Trainer factory: conf/trainer with the periodic checkpoint (and the checkpoint to resume from, validated).
 
@@ -163,7 +171,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     method = instantiate(cfg.method)
     name = cfg.method.get("name") or method.__class__.__name__
     ctx = RunContext(output_dir=out, seed=int(cfg.seed), trainer=trainer_factory(cfg, out, name, pool.pool_hash),
-                     loggers=start_loggers(cfg), eval_batch_size=int(cfg.eval_batch_size), device=device)
+                     loggers=start_loggers(cfg), eval_batch_size=int(cfg.eval_batch_size), device=device,
+                     distributed=is_distributed(cfg.trainer))
     outcome = method.run(pool, taskpool, ctx)
     if leave_process_group() != 0:
         return {}

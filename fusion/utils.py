@@ -103,6 +103,11 @@ def progress(iterable, description: str, total: int | None = None):
     return track(iterable, description=description, total=total, transient=True, console=None)
 
 
+def local_rank() -> int:
+    """This process's GPU index on its node: ``LOCAL_RANK`` (Lightning, torchrun) or ``SLURM_LOCALID``, else 0."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
 def resolve_device(accelerator: str | None, source: str = "trainer.accelerator") -> torch.device:
     """The device a run uses, from its trainer's ``accelerator`` (``cpu``, ``gpu``/``cuda``, ``mps``, ``auto``).
 
@@ -118,7 +123,7 @@ def resolve_device(accelerator: str | None, source: str = "trainer.accelerator")
             raise ConfigError(f"{source}={accelerator} (trainer=gpu, ddp or fsdp: conf/trainer/gpu.yaml) needs CUDA, "
                               f"but torch.cuda.is_available() is False on this machine (torch {torch.__version__}). "
                               "Run with trainer=cpu (or trainer.accelerator=cpu), or on a machine with a GPU")
-        return torch.device("cuda")
+        return torch.device("cuda", local_rank())
     if name in ("cpu", "mps"):
         return torch.device(name)
     raise ConfigError(f"{source}={accelerator} is not an accelerator fusion runs on; use cpu, gpu, mps or auto")

@@ -138,3 +138,26 @@ def test_gpu_trainer_without_cuda_is_one_message_naming_the_config(tmp_path):
     assert "trainer.accelerator=gpu" in proc.stderr and "conf/trainer/gpu.yaml" in proc.stderr
     assert "trainer=cpu" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists()  # failed before building or reading anything
+
+
+def test_pool_device_moves_theta0_and_heads_while_experts_stay_on_the_host(tiny_dirs):
+    """`pool.to(device)` (the run's device): task vectors and expert states are made there, the experts stay put."""
+    from omegaconf import OmegaConf
+
+    from fusion.app import is_distributed
+    from fusion.pools.pool import load_pool
+
+    pool = load_pool(tiny_dirs[0]).to("meta")  # a device without data: shows where every tensor is made
+    task = pool.tasks[0]
+    assert pool.device.type == "meta" and all(v.device.type == "cpu" for v in pool.experts[task].values())
+    assert all(t.device.type == "meta" for t in pool.task_vectors().values())
+    assert all(v.device.type == "meta" for v in pool.expert_state(task).values())
+    assert next(iter(pool.heads.buffers())).device.type == "meta"
+    host = load_pool(tiny_dirs[0])
+    tv = host.task_vectors(device="cpu")
+    name = next(iter(tv))
+    want = torch.stack([host.experts[t][name] - host.encoder.state_dict()[name] for t in host.tasks])
+    assert torch.equal(tv[name], want) and tv[name].abs().sum() > 0
+    assert not is_distributed(OmegaConf.create({"devices": 1})) and is_distributed(OmegaConf.create({"devices": 2}))
+    assert is_distributed(OmegaConf.create({"devices": 1, "num_nodes": 2}))
+    assert is_distributed(OmegaConf.create({"devices": [0, 1]}))

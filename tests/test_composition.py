@@ -57,7 +57,7 @@ def test_preprocess_and_init_composition(tiny_pool, tiny_taskpool, tmp_path):
     method = instantiate(cfg)
     init, tuning = method.initial_value(tiny_pool, tiny_taskpool, RunContext(output_dir=tmp_path))
     assert tuning["on"] == "val" and init == tuning["best"]["lam"] and init in (0.1, 0.9)
-    model = method.build_model(tiny_pool, init)
+    model = method.build_model(tiny_pool, init, RunContext(output_dir=tmp_path))
     expected = dare_drop(tiny_pool.task_vectors(), p=0.5, seed=0)
     for name, t in model.task_vectors().items():
         assert torch.equal(t, expected[name])

@@ -59,7 +59,7 @@ def stack_task_vectors(pretrained: Mapping[str, Tensor], experts: Sequence[Mappi
     for name, theta0 in pretrained.items():
         if not theta0.is_floating_point():
             continue
-        stacked = torch.stack([e[name] - theta0 for e in experts])
+        stacked = torch.stack([e[name].to(theta0.device) - theta0 for e in experts])
         out[name] = stacked if dtype is None else stacked.to(dtype)
     return out
 

@@ -21,6 +21,7 @@ class RunContext:
     loggers: list = field(default_factory=list)
     eval_batch_size: int = 512
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False  # several training processes (trainer=ddp/fsdp): Lightning places each rank's copy
 
     def evaluate(self, encoder, heads, taskpool, split: str) -> dict[str, float]:
         """``{task: accuracy}`` of ``encoder`` on ``split``, on this run's device and evaluation batch size."""

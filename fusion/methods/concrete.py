@@ -86,7 +86,8 @@ class ConcreteAdaMerging:
 
     def learn_mask(self, pool, taskpool, ctx: RunContext, init: Any) -> tuple[dict, dict[str, Any], str]:
         """Phase 1: the bi-level meta-learning of the mask; returns ``(final mask, info, summary)``."""
-        tv = pool.task_vectors(dtype=getattr(torch, self.tv_dtype) if self.tv_dtype else None)
+        tv = pool.task_vectors(dtype=getattr(torch, self.tv_dtype) if self.tv_dtype else None,
+                               device="cpu" if ctx.distributed else ctx.device)
         model = self.model(base=pool.encoder, task_vectors=tv, init=init)
         datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed, device=ctx.device)
         if needs_labels(self.objective) and not datamodule.labeled:

@@ -28,7 +28,7 @@ class OPCMMerge:
         orders, first = [], None
         for _ in range(self.num_orders):
             order = [pool.tasks[i] for i in torch.randperm(len(pool.tasks), generator=gen).tolist()]
-            encoder = merged_encoder(pool, opcm(theta0, (pool.experts[t] for t in order), alpha=self.alpha))
+            encoder = merged_encoder(pool, opcm(theta0, (pool.expert_state(t) for t in order), alpha=self.alpha))
             acc = ctx.evaluate(encoder, pool.heads, taskpool, "test")
             orders.append({"order": order, "mean_accuracy": sum(acc.values()) / len(acc)})
             first = first or encoder

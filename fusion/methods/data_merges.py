@@ -46,7 +46,7 @@ class FisherMerge:
             params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
             fishers.append(diagonal_fisher(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches,
                                            seed=ctx.seed + i))
-            experts.append(pool.experts[task])
+            experts.append(pool.expert_state(task))
         delta = fisher_merge_delta(pool.pretrained_state(), experts, fishers, floor=self.floor,
                                    normalize=self.normalize)
         info = {"num_samples_per_task": self.num_samples, "floor": self.floor, "normalize": self.normalize}
@@ -73,7 +73,7 @@ class RegMeanMerge:
             batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i,
                                      device=ctx.device)
             grams.append(gram_matrices(model, lambda m, x: m(x), batches, default_linear_names(model)))
-            experts.append(pool.experts[task])
+            experts.append(pool.expert_state(task))
         delta = regmean_delta(pool.pretrained_state(), experts, grams, self.alpha)
         info = {"num_samples_per_task": self.num_samples, "alpha": self.alpha, "regmean_layers": sorted(grams[0])}
         return MergeOutcome(merged_encoder(pool, delta), info,

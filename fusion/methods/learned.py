@@ -62,15 +62,16 @@ class LearnedMerge:
             return self.init.initial_coefficient(pool, taskpool, ctx)
         return self.init, None
 
-    def build_model(self, pool, init: Any):
-        tv = pool.task_vectors(dtype=self.tv_dtype)
+    def build_model(self, pool, init: Any, ctx: RunContext):
+        # one process: on the run's device; several: on the host, where each rank's strategy shards or places them
+        tv = pool.task_vectors(dtype=self.tv_dtype, device="cpu" if ctx.distributed else ctx.device)
         if self.preprocess is not None:
             tv = self.preprocess(tv)
         return self.model(base=pool.encoder, task_vectors=tv, init=init)
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
         init, init_tuning = self.initial_value(pool, taskpool, ctx)
-        model = self.build_model(pool, init)
+        model = self.build_model(pool, init, ctx)
         datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed, device=ctx.device)
         if needs_labels(self.objective) and not datamodule.labeled:
             raise ValueError(f"objective '{objective_name(self.objective)}' needs labels but method.data.labeled is "

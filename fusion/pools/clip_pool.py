@@ -45,8 +45,8 @@ class CLIPModelPool(ModelPool):
 
     tv_dtype: torch.dtype | None = None
 
-    def task_vectors(self, dtype: torch.dtype | None = None) -> TaskVectors:
-        return super().task_vectors(dtype=dtype or self.tv_dtype)
+    def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> TaskVectors:
+        return super().task_vectors(dtype=dtype or self.tv_dtype, device=device)
 
     def select(self, tasks: Sequence[str] | None) -> "CLIPModelPool":
         base = super().select(tasks)

@@ -67,12 +67,17 @@ class ModelPool:
                          self.manifest, {t: self.sources.get(t, "<memory>") for t in tasks}, self.clip_dir)
 
     def to(self, device: str | torch.device) -> "ModelPool":
-        """Move θ0, the experts and the heads to ``device`` (in place; task vectors and merges are then made there)."""
+        """Move θ0 and the heads to ``device`` (in place): task vectors, expert encoders and merges are then made
+        there. The experts stay in host memory and are copied one at a time (a sharded run keeps 1/N of them)."""
         device = torch.device(device)
         self.encoder.to(device)
         self.heads.to(device)
-        self.experts = {t: {k: v.to(device) for k, v in state.items()} for t, state in self.experts.items()}
         return self
+
+    def expert_state(self, task: str) -> StateDict:
+        """``task``'s expert weights on the pool's device."""
+        device = self.device
+        return {k: v.to(device) for k, v in self.experts[task].items()}
 
     @property
     def device(self) -> torch.device:
@@ -81,9 +86,11 @@ class ModelPool:
     def pretrained_state(self) -> StateDict:
         return {k: v.detach() for k, v in self.encoder.state_dict().items()}
 
-    def task_vectors(self, dtype: torch.dtype | None = None) -> TaskVectors:
-        """Stacked ``{name: Tensor[K, *shape]}`` in the order of :attr:`tasks`."""
-        return stack_task_vectors(self.pretrained_state(), [self.experts[t] for t in self.tasks], dtype=dtype)
+    def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> TaskVectors:
+        """Stacked ``{name: Tensor[K, *shape]}`` in the order of :attr:`tasks`, on ``device`` (default: the pool's)."""
+        device = torch.device(device) if device is not None else self.device
+        theta0 = {k: v.to(device) for k, v in self.pretrained_state().items()}
+        return stack_task_vectors(theta0, [self.experts[t] for t in self.tasks], dtype=dtype)
 
     def expert_encoder(self, task: str) -> nn.Module:
         """A frozen copy of the encoder holding ``task``'s expert weights."""
