@@ -194,6 +194,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def causes(err: BaseException):
+    """``err`` and the exceptions it was raised from (Hydra's instantiate wraps the one a target raised)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def report_user_errors(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """A user's mistake (see :mod:`fusion.errors`) raised by ``job`` becomes one message and exit status 2
     (``FUSION_DEBUG=1`` keeps the traceback); bugs keep theirs. Inside the Hydra job, which would print any
@@ -208,10 +217,11 @@ def report_user_errors(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig
 
         try:
             return job(cfg)
-        except user_error_types() as err:
-            if os.environ.get("FUSION_DEBUG"):
+        except Exception as err:  # noqa: BLE001 — re-raised unless it is (or wraps) a user error
+            user = next((e for e in causes(err) if isinstance(e, user_error_types())), None)
+            if user is None or os.environ.get("FUSION_DEBUG"):
                 raise
-            print(f"fusion: error: {err}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+            print(f"fusion: error: {user}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
             sys.exit(2)
 
     return wrapped

@@ -14,6 +14,10 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work on this machine or with this pool; the message names key and fix."""
 
 
+class CorruptFileError(UserError, OSError):
+    """A file that exists but cannot be read (truncated, not the format its name says); the message names it."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Every exception type the entry point reports as a user error (imported lazily: no heavy imports here)."""
     from fusion.data.contract import TaskContractError

@@ -127,3 +127,21 @@ def resolve_device(accelerator: str | None, source: str = "trainer.accelerator")
     if name in ("cpu", "mps"):
         return torch.device(name)
     raise ConfigError(f"{source}={accelerator} is not an accelerator fusion runs on; use cpu, gpu, mps or auto")
+
+
+def read_safetensors(path: str | Path, metadata: bool = False):
+    """The tensors of a safetensors file (or its metadata); a file that cannot be read is a
+    :class:`fusion.errors.CorruptFileError` naming it (safetensors alone says only "incomplete metadata")."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from fusion.errors import CorruptFileError
+
+    try:
+        if metadata:
+            with safe_open(str(path), "pt") as f:
+                return f.metadata() or {}
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); it may be "
+                               "truncated by an interrupted download, copy or build: fetch or rebuild it") from err

@@ -161,3 +161,42 @@ def test_pool_device_moves_theta0_and_heads_while_experts_stay_on_the_host(tiny_
     assert not is_distributed(OmegaConf.create({"devices": 1})) and is_distributed(OmegaConf.create({"devices": 2}))
     assert is_distributed(OmegaConf.create({"devices": 1, "num_nodes": 2}))
     assert is_distributed(OmegaConf.create({"devices": [0, 1]}))
+
+
+def _copied_pool(tiny_dirs, tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(tiny_dirs[0], pool)
+    return pool, sorted((pool / "experts").glob("*.safetensors"))[1]
+
+
+def _cli(tiny_dirs, tmp_path: Path, pool: Path) -> subprocess.CompletedProcess:
+    overrides = tiny_overrides((pool, tiny_dirs[1]), tmp_path / "out", "task_arithmetic")
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "FUSION_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "fusion.app", *overrides], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_a_nan_in_one_expert_is_an_error_at_load_naming_expert_key_and_file(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pool, expert = _copied_pool(tiny_dirs, tmp_path)
+    state = load_file(str(expert))
+    key = sorted(k for k, v in state.items() if v.is_floating_point())[3]
+    state[key].view(-1)[5] = float("nan")
+    save_file(state, str(expert))
+    proc = _cli(tiny_dirs, tmp_path, pool)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in (f"expert '{expert.stem}'", str(expert), f"key '{key}'", "1 non-finite"):
+        assert needle in proc.stderr, needle
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing written at chance accuracy
+
+
+def test_a_truncated_expert_file_is_named(tiny_dirs, tmp_path):
+    pool, expert = _copied_pool(tiny_dirs, tmp_path)
+    expert.write_bytes(expert.read_bytes()[:100])
+    proc = _cli(tiny_dirs, tmp_path, pool)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{expert}: not a readable safetensors file" in proc.stderr and "truncated" in proc.stderr

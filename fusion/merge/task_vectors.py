@@ -40,6 +40,17 @@ def validate_compatible(reference: Mapping[str, Tensor], other: Mapping[str, Ten
                 f"{name} ({source}): key '{key}' has shape {tuple(t.shape)} dtype {t.dtype}, but the pretrained "
                 f"model has shape {tuple(ref.shape)} dtype {ref.dtype}. Check that the expert was fine-tuned "
                 "from this pretrained model (and cast it with `.to(dtype)` if only the dtype differs).")
+    check_finite(other, name=name, source=source)
+
+
+def check_finite(state: Mapping[str, Tensor], *, name: str = "expert", source: str = "<memory>") -> None:
+    """Raise :class:`PoolMismatchError` naming the first floating tensor of ``state`` with a NaN or inf."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise PoolMismatchError(
+                f"{name} ({source}): key '{key}' holds {bad} non-finite value(s) (NaN/inf) of {t.numel()}; the "
+                "checkpoint is corrupt or its fine-tuning diverged. Re-export it, or leave this task out of the pool")
 
 
 def task_vector(pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> StateDict:

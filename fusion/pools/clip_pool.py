@@ -123,9 +123,9 @@ def load_state_file(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"expert checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from fusion.utils import read_safetensors
 
-        return load_file(str(path))
+        return read_safetensors(path)
     try:
         return _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
     except pickle.UnpicklingError as e:

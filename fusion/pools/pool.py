@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.merge.task_vectors import StateDict, TaskVectors, stack_task_vectors, validate_compatible
+from fusion.merge.task_vectors import StateDict, TaskVectors, check_finite, stack_task_vectors, validate_compatible
 from fusion.pools.heads import ZeroShotHeads
 from fusion.pools.openclip import copy_with_state, freeze, load_clip_dir, save_clip_dir
-from fusion.utils import atomic_save_safetensors, atomic_write_json, sha256_json
+from fusion.utils import atomic_save_safetensors, atomic_write_json, read_safetensors, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class ModelPool:
     def __post_init__(self) -> None:
         freeze(self.encoder)
         reference = self.pretrained_state()
+        check_finite(reference, name=f"pool '{self.name}': the pretrained model", source=self.clip_dir or "<memory>")
         for task, state in self.experts.items():
             validate_compatible(reference, state, name=f"expert '{task}'", source=self.sources.get(task, "<memory>"))
         missing = [t for t in self.experts if t not in self.heads.tasks]
@@ -133,9 +134,6 @@ def save_pool(directory: str | Path, clip: nn.Module, model_cfg: dict[str, Any],
 
 def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[str] | None = None) -> ModelPool:
     """Read a pool written by :func:`save_pool` (safetensors only: nothing is unpickled)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
@@ -144,9 +142,8 @@ def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[st
     manifest = json.loads(manifest_path.read_text())
     clip = load_clip_dir(directory / "pretrained")
     heads_path = directory / "heads.safetensors"
-    with safe_open(str(heads_path), "pt") as f:
-        logit_scale = float(f.metadata()["logit_scale"])
-    heads = ZeroShotHeads(load_file(str(heads_path)), logit_scale)
+    logit_scale = float(read_safetensors(heads_path, metadata=True)["logit_scale"])
+    heads = ZeroShotHeads(read_safetensors(heads_path), logit_scale)
     order = list(tasks) if tasks is not None else manifest.get("tasks") or heads.tasks
     experts, sources = {}, {}
     for task in order:
@@ -154,6 +151,6 @@ def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[st
         if not path.is_file():
             raise FileNotFoundError(f"expert for task '{task}' not found at {path}; available: "
                                     f"{sorted(p.stem for p in (directory / 'experts').glob('*.safetensors'))}")
-        experts[task], sources[task] = load_file(str(path)), str(path)
+        experts[task], sources[task] = read_safetensors(path), str(path)
     return ModelPool(name or manifest.get("name", directory.name), clip.visual, experts, heads, manifest, sources,
                      str(directory / "pretrained"))
