@@ -135,16 +135,24 @@ def task_dataset(task: str, seed: int, n_train: int, n_test: int):
 
 
 # ------------------------------------------------------------------------------------------------ open_clip
-def tiny_clip_config() -> dict[str, Any]:
-    """open_clip's ``ViT-B-32`` config with only the sizes of :data:`TINY_SIZES` changed, and QuickGELU."""
+SIZES = ("tiny", "vit-b-32")
+
+
+def tiny_clip_config(size: str = "tiny") -> dict[str, Any]:
+    """open_clip's ``ViT-B-32`` config with QuickGELU (as OpenAI's weights), shrunk to :data:`TINY_SIZES` for
+    ``size="tiny"`` or at full size for ``"vit-b-32"`` (the GPU checks: 88M visual parameters)."""
     import open_clip
 
+    if size not in SIZES:
+        raise ValueError(f"fixture size must be one of {SIZES}, got {size!r}")
     cfg = open_clip.get_model_config("ViT-B-32")
     if cfg is None:
         raise KeyError("the installed open_clip has no ViT-B-32 config")
-    cfg["embed_dim"], cfg["quick_gelu"] = TINY_SIZES["embed_dim"], True
-    for tower in ("vision_cfg", "text_cfg"):
-        cfg[tower].update(TINY_SIZES[tower])
+    cfg["quick_gelu"] = True
+    if size == "tiny":
+        cfg["embed_dim"] = TINY_SIZES["embed_dim"]
+        for tower in ("vision_cfg", "text_cfg"):
+            cfg[tower].update(TINY_SIZES[tower])
     return cfg
 
 
@@ -205,15 +213,15 @@ def save_open_clip_expert(directory: Path, task: str, layout: str, visual: Mappi
     return f"{task}.safetensors"
 
 
-def build_open_clip(root: Path, tasks: Sequence[str], seed: int) -> tuple[nn.Module, dict[str, dict[str, Tensor]],
-                                                                          dict[str, str]]:
+def build_open_clip(root: Path, tasks: Sequence[str], seed: int, size: str = "tiny"
+                    ) -> tuple[nn.Module, dict[str, dict[str, Tensor]], dict[str, str]]:
     """θ0 as a local-dir release under ``root/pretrained`` and the experts under ``root/experts``.
 
     Returns ``(θ0 CLIP, {task: perturbation of the visual keys}, {task: expert file name})``.
     """
     from fusion.pools.openclip import save_clip_dir
 
-    model_cfg = tiny_clip_config()
+    model_cfg = tiny_clip_config(size)
     clip = tiny_clip(seed, model_cfg)
     save_clip_dir(clip, root / "pretrained", model_cfg, PREPROCESS_CFG)
     clip_state = clip.state_dict()
@@ -404,21 +412,21 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def build_into(tmp: Path, out: Path, tasks: Sequence[str], seed: int, n_train: int, n_test: int,
-               hf: bool) -> dict[str, Any]:
+               hf: bool, size: str = "tiny") -> dict[str, Any]:
     """Write every fixture into ``tmp`` (paths in the manifest name ``out``); the manifest last."""
     for task in tasks:
         log.info("dataset %s", task)
         task_dataset(task, seed, n_train, n_test).save_to_disk(str(tmp / "data" / task))
-    clip, deltas, files = build_open_clip(tmp / "open_clip", tasks, seed)
+    clip, deltas, files = build_open_clip(tmp / "open_clip", tasks, seed, size)
     if hf:
-        build_hf(tmp / "hf", clip.visual.state_dict(), deltas, tiny_clip_config(), seed)
-    info = manifest(out, tasks, seed, n_train, n_test, files, hf)
+        build_hf(tmp / "hf", clip.visual.state_dict(), deltas, tiny_clip_config(size), seed)
+    info = {**manifest(out, tasks, seed, n_train, n_test, files, hf), "size": size}
     atomic_write_json(tmp / MANIFEST, info)
     return info
 
 
 def build_fixtures(out: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, seed: int = 0, n_train: int = 48,
-                   n_test: int = 24, hf: bool = True) -> dict[str, Any]:
+                   n_test: int = 24, hf: bool = True, size: str = "tiny") -> dict[str, Any]:
     """Build the fixtures under ``out`` (see the module docstring); returns the manifest (all paths absolute).
 
     Raises:
@@ -436,7 +444,7 @@ def build_fixtures(out: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, seed: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
     try:
-        info = build_into(tmp, out, tasks, seed, n_train, n_test, hf)
+        info = build_into(tmp, out, tasks, seed, n_train, n_test, hf, size)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -469,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=24, help="images in the test (and any extra) split")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers checkpoints")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", choices=SIZES, default="tiny",
+                        help="tiny (CI) or vit-b-32: the real ViT-B/32 sizes, random weights (GPU checks)")
     parser.add_argument("--overrides", choices=("open_clip", "hf"), default=None,
                         help="print the shell-quoted Hydra overrides of an existing build (for eval) and exit")
     args = parser.parse_args(argv)
@@ -478,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_threads(args.threads)
     start = time.time()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    info = build_fixtures(args.out, tasks, args.seed, args.train, args.test, hf=not args.no_hf)
+    info = build_fixtures(args.out, tasks, args.seed, args.train, args.test, hf=not args.no_hf, size=args.size)
     print(f"fixtures for {', '.join(info['tasks'])} in {info['root']} ({time.time() - start:.1f} s)")
     for name, command in info["commands"].items():
         print(f"  {name}: {command} method=<method>")

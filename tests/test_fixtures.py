@@ -253,3 +253,15 @@ def test_manifest_and_refusals(built, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         build_fixtures(tmp_path / "half", ["mnist"], n_train=4, n_test=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no half-built OUT, no temp folder left
+
+
+def test_full_size_config_is_open_clips_vit_b32_with_quick_gelu():
+    import open_clip
+
+    from fusion.fixtures import tiny_clip_config
+
+    full, real = tiny_clip_config("vit-b-32"), open_clip.get_model_config("ViT-B-32")
+    assert full == {**real, "quick_gelu": True} and full["vision_cfg"]["width"] == 768
+    assert tiny_clip_config()["vision_cfg"]["width"] == 64
+    with pytest.raises(ValueError, match="one of"):
+        tiny_clip_config("huge")
