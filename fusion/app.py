@@ -29,7 +29,7 @@ from fusion.evaluate import summarize
 from fusion.methods.base import RunContext
 from fusion.report import print_results
 from fusion.train.checkpoint import PeriodicCheckpoint, resume_checkpoint, with_callbacks
-from fusion.utils import atomic_write_json, configure_threads, resolve_device
+from fusion.utils import atomic_write_json, configure_threads, quiet_third_party, resolve_device
 
 log = logging.getLogger("fusion")
 # absolute: a relative path would be resolved as the module `conf` when started as the `fusion` console script
@@ -160,6 +160,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Under DDP every rank trains; only rank 0 evaluates, writes and logs, and the other ranks return ``{}``.
     """
     start = time.time()
+    quiet_third_party()
     configure_threads(cfg.get("num_threads"))
     device = resolve_device(cfg.trainer.get("accelerator"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

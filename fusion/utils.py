@@ -145,3 +145,36 @@ def read_safetensors(path: str | Path, metadata: bool = False):
     except (SafetensorError, OSError, ValueError) as err:
         raise CorruptFileError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); it may be "
                                "truncated by an interrupted download, copy or build: fetch or rebuild it") from err
+
+
+class ThirdPartyNoise(logging.Filter):
+    """Drops open_clip's per-model INFO lines and Lightning's advertisement; Lightning's device summary once."""
+
+    ONCE = ("GPU available", "TPU available", "HPU available", "Running in `fast_dev_run` mode")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        message = str(record.msg)
+        if record.name == "root" and "open_clip" in record.pathname:
+            return False
+        if message.startswith("💡 Tip"):
+            return False
+        once = next((m for m in self.ONCE if message.startswith(m)), None)
+        if once is not None:
+            if message in self.seen:
+                return False
+            self.seen.add(message)
+        return True
+
+
+def quiet_third_party() -> None:
+    """Install :class:`ThirdPartyNoise` on the handlers of the root, Lightning and Fabric loggers (once)."""
+    for name in (None, "pytorch_lightning", "lightning_fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, ThirdPartyNoise) for f in handler.filters):
+                handler.addFilter(ThirdPartyNoise())
