@@ -200,3 +200,21 @@ def test_a_truncated_expert_file_is_named(tiny_dirs, tmp_path):
     proc = _cli(tiny_dirs, tmp_path, pool)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{expert}: not a readable safetensors file" in proc.stderr and "truncated" in proc.stderr
+
+
+def test_third_party_noise_filter():
+    import logging
+
+    from fusion.utils import ThirdPartyNoise
+
+    def record(name, msg, level=logging.INFO, path="/x/site-packages/open_clip/factory.py"):
+        return logging.LogRecord(name, level, path, 1, msg, None, None)
+
+    f = ThirdPartyNoise()
+    assert not f.filter(record("root", "Loading full pretrained weights"))           # open_clip INFO
+    assert f.filter(record("root", "Loading", logging.WARNING))                      # its warnings stay
+    assert f.filter(record("root", "something", path="/work/fusion/app.py"))         # not open_clip
+    assert not f.filter(record("pytorch_lightning", "💡 Tip: For seamless cloud logging"))
+    gpu = record("pytorch_lightning.utilities.rank_zero", "GPU available: False, used: False")
+    assert f.filter(gpu) and not f.filter(gpu)                                        # once
+    assert f.filter(record("fusion", "results written to x", path="/work/fusion/app.py"))
