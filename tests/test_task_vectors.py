@@ -60,3 +60,25 @@ def test_mismatch_errors_name_key_and_file():
         validate_compatible(THETA0, missing)
     with pytest.raises(PoolMismatchError, match="dtype torch.float64"):
         validate_compatible(THETA0, dict(E1, b=E1["b"].double()))
+
+
+def test_combine_over_bf16_task_vectors_keeps_only_bf16_for_the_backward():
+    from fusion.merge.combine import combine
+
+    gen = torch.Generator().manual_seed(0)
+    tv = {"w": torch.randn(3, 64, 32, generator=gen).bfloat16(), "b": torch.randn(3, 32, generator=gen).bfloat16()}
+    lam = torch.rand(3, 2, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        out = combine(tv, lam)
+    assert all(x.dtype == torch.bfloat16 for x in saved if x.numel() > 3)  # no fp32 copy of τ kept
+    assert out["w"].dtype == torch.float32
+    g = {n: torch.randn(o.shape, generator=gen) for n, o in out.items()}
+    sum((o * g[n]).sum() for n, o in out.items()).backward()
+    ref = lam.detach().clone().requires_grad_(True)  # plain autograd over the fp32 upcast (independent)
+    want = {n: torch.tensordot(ref[:, i], t.float(), dims=1) for i, (n, t) in enumerate(tv.items())}
+    sum((o * g[n]).sum() for n, o in want.items()).backward()
+    for n in tv:
+        torch.testing.assert_close(out[n], want[n].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(lam.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert lam.grad.abs().sum() > 0

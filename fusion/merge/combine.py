@@ -34,8 +34,29 @@ def combine(tv: Mapping[str, Tensor], coefficients: Tensor) -> StateDict:
     out = {}
     for l, (name, t) in enumerate(tv.items()):
         c = coefficients[:, l].to(t.dtype if t.dtype == torch.float64 else torch.float32)
-        out[name] = torch.tensordot(c, t.to(c.dtype), dims=1)
+        out[name] = torch.tensordot(c, t, dims=1) if t.dtype == c.dtype else _LowPrecisionSum.apply(c, t)
     return out
+
+
+class _LowPrecisionSum(torch.autograd.Function):
+    """``Σ_k c_k τ_k`` for τ stored in a lower precision (bf16), computed in ``c``'s dtype.
+
+    Plain autograd would keep the upcast fp32 copy of τ for the backward, one per tensor, so bf16 task vectors
+    would cost more memory during a step than fp32 ones; this keeps τ itself and upcasts it again, one tensor
+    at a time, in the backward (``∂/∂c_k = ⟨g, τ_k⟩``).
+    """
+
+    @staticmethod
+    def forward(ctx, c: Tensor, t: Tensor) -> Tensor:
+        ctx.save_for_backward(t)
+        ctx.c_dtype = c.dtype
+        return torch.tensordot(c, t.to(c.dtype), dims=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (t,) = ctx.saved_tensors
+        grad_c = t.to(ctx.c_dtype).flatten(1) @ grad.to(ctx.c_dtype).flatten()
+        return grad_c, None
 
 
 def task_arithmetic(tv: Mapping[str, Tensor], lam: float = 0.3) -> StateDict:
