@@ -211,3 +211,26 @@ def test_checksum_mismatch_names_file(tmp_path: Path, monkeypatch: pytest.Monkey
     root = build_mini8(tmp_path / "lenient", subset=SUBSET, tasks=["skdigits"], strict=False)
     recorded = json.loads((root / "manifest.json").read_text())["sources"][key]["sha256"]
     assert recorded == actual
+
+
+def test_mini8_task_pool_is_the_hf_path_with_the_old_tensors(built: Path, tmp_path: Path) -> None:
+    """mini8 flows through HFTaskPool and the decoded cache; batches equal an independent PNG decode."""
+    import torch
+
+    from fusion.data.contract import check_task_pool
+    from fusion.data.hf_tasks import HFTaskPool
+    from fusion.data.taskpool import mini8_taskpool
+
+    pool = check_task_pool(mini8_taskpool(str(built), tasks=BUILD_TASKS, build=False, decoded_cache=str(tmp_path)))
+    assert isinstance(pool, HFTaskPool) and pool.tasks == list(BUILD_TASKS)
+    raw = load_mini8(built, tasks=BUILD_TASKS)
+    for task in BUILD_TASKS:
+        assert pool.classnames(task) == MINI8_TASKS[task].classnames
+        for split in ("train", "val", "test"):
+            images = np.stack([np.asarray(im) for im in raw[task][split]["image"]])  # [N, 32, 32] uint8
+            want = (torch.from_numpy(images)[:, None].float() / 255.0 - 0.5) / 0.5
+            x, y = pool.dataset(task, split).batch(torch.arange(len(images)))
+            assert x.shape == (len(images), 3, 32, 32) and torch.equal(x, want.expand(-1, 3, -1, -1))
+            assert torch.equal(y, torch.as_tensor(raw[task][split]["label"]))
+    again = mini8_taskpool(str(built), tasks=BUILD_TASKS, build=False, decoded_cache=str(tmp_path))
+    assert again.fingerprint() == pool.fingerprint() != again.select(BUILD_TASKS[:1]).fingerprint()
