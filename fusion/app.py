@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -36,7 +36,7 @@ log = logging.getLogger("fusion")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def reference_rows(pool, taskpool, ctx: RunContext) -> dict[str, Any]:
+def reference_rows(pool, taskpool, fingerprint: str, ctx: RunContext) -> dict[str, Any]:
     """Pretrained (zero-shot) and individual-expert test accuracies of ``pool`` on *this* task pool.
 
     Measured once per (pool, task-pool fingerprint) and cached under ``<fusion cache>/reference``; the pool
@@ -45,7 +45,6 @@ def reference_rows(pool, taskpool, ctx: RunContext) -> dict[str, Any]:
     """
     from fusion.data.cache import default_cache_dir
 
-    fingerprint = taskpool.fingerprint()
     path = default_cache_dir() / "reference" / f"{pool.content_key()}-{fingerprint}.json"
     measured = pool.manifest.get("accuracy", {})
     cached = measured.get("test", {}) if measured.get("taskpool_fingerprint") == fingerprint else {}
@@ -178,10 +177,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if leave_process_group() != 0:
         return {}
     merged = summarize(ctx.evaluate(outcome.encoder, pool.heads, taskpool, "test"))
+    fingerprint = taskpool.fingerprint()
     results = {
-        "method": name, "modelpool": pool.name, "taskpool": taskpool.name,
-        "taskpool_fingerprint": taskpool.fingerprint(),
-        **merged, "reference": reference_rows(pool, taskpool, ctx),
+        "method": name, "modelpool": pool.name, "taskpool": taskpool.name, "taskpool_fingerprint": fingerprint,
+        **merged, "reference": reference_rows(pool, taskpool, fingerprint, ctx),
         "protocol": outcome.protocol, "seed": int(cfg.seed), "pool_hash": pool.pool_hash, "device": str(device),
         "method_info": outcome.info, "wall_time_s": round(time.time() - start, 2),
         "config": OmegaConf.to_container(cfg, resolve=False),

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.data.clip_task_specs import SPECS
+from fusion.pools.hf_convert import open_clip_to_hf_clip_vision, strip_hf_prefix
 from fusion.utils import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -235,33 +236,6 @@ def build_open_clip(root: Path, tasks: Sequence[str], seed: int, size: str = "ti
 
 
 # ------------------------------------------------------------------------------------------------------- HF
-def open_clip_visual_to_hf(visual: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of :func:`fusion.pools.hf_convert.hf_clip_vision_to_open_clip`: open_clip ``model.visual``
-    keys to HF ``vision_model.*`` keys (q/k/v split apart), and ``proj`` to ``visual_projection.weight``."""
-    top = {"class_embedding": "embeddings.class_embedding", "conv1.weight": "embeddings.patch_embedding.weight",
-           "positional_embedding": "embeddings.position_embedding.weight", "ln_pre.weight": "pre_layrnorm.weight",
-           "ln_pre.bias": "pre_layrnorm.bias", "ln_post.weight": "post_layernorm.weight",
-           "ln_post.bias": "post_layernorm.bias"}
-    parts = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-             "attn.out_proj": "self_attn.out_proj"}
-    out: dict[str, Tensor] = {}
-    for key, value in visual.items():
-        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(\w+)", key)
-        if key == "proj":
-            out["visual_projection.weight"] = value.T.contiguous()
-        elif key in top:
-            out[f"vision_model.{top[key]}"] = value
-        elif m and m.group(3) in ("in_proj_weight", "in_proj_bias"):
-            kind = "weight" if m.group(3) == "in_proj_weight" else "bias"
-            for name, chunk in zip("qkv", value.chunk(3, dim=0)):
-                out[f"vision_model.encoder.layers.{m.group(1)}.self_attn.{name}_proj.{kind}"] = chunk.contiguous()
-        elif m and m.group(2) in parts:
-            out[f"vision_model.encoder.layers.{m.group(1)}.{parts[m.group(2)]}.{m.group(3)}"] = value
-        else:
-            raise KeyError(f"open_clip visual key '{key}' has no HF CLIP counterpart")
-    return out
-
-
 def hf_vision_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``CLIPVisionConfig`` keyword arguments of the open_clip tower in ``model_cfg`` (QuickGELU, as HF CLIP)."""
     vision = model_cfg["vision_cfg"]
@@ -280,21 +254,9 @@ def hf_text_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "hidden_act": "quick_gelu"}
 
 
-def _staged(directory: Path):
-    """A temporary sibling folder of ``directory``, to be moved onto it with :func:`os.replace`."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-
-
 def save_hf(model: nn.Module, directory: Path) -> Path:
-    """``model.save_pretrained`` into a temporary sibling folder, then moved to ``directory``."""
-    tmp = _staged(directory)
-    try:
-        model.save_pretrained(str(tmp))
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """``model.save_pretrained`` (the whole build is staged and moved into place by :func:`build_fixtures`)."""
+    model.save_pretrained(str(directory))
     return directory
 
 
@@ -302,14 +264,8 @@ def save_hf_vision(config, state: Mapping[str, Tensor], directory: Path) -> Path
     """A ``CLIPVisionModel`` directory as the hub's experts have it: ``config.json`` and a ``model.safetensors``
     with ``vision_model.*`` keys (transformers 5 ``save_pretrained`` drops that prefix; 4.x, which wrote the
     released experts, kept it, and both versions load either)."""
-    tmp = _staged(directory)
-    try:
-        config.save_pretrained(str(tmp))
-        atomic_save_safetensors(tmp / "model.safetensors", state, {"format": "pt"})
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    config.save_pretrained(str(directory))
+    atomic_save_safetensors(directory / "model.safetensors", state, {"format": "pt"})
     return directory
 
 
@@ -329,20 +285,16 @@ def build_hf(root: Path, visual: Mapping[str, Tensor], deltas: Mapping[str, Mapp
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pretrained = transformers.CLIPModel(config).eval()
-    hf0 = open_clip_visual_to_hf(visual)
+    hf0 = open_clip_to_hf_clip_vision(visual)
     projection = hf0.pop("visual_projection.weight")
     with torch.no_grad():
-        pretrained.vision_model.load_state_dict(_strip(hf0), strict=True)
+        pretrained.vision_model.load_state_dict(strip_hf_prefix(hf0), strict=True)
         pretrained.visual_projection.weight.copy_(projection)
     save_hf(pretrained, root / "pretrained")
     vision_config = transformers.CLIPVisionConfig(**hf_vision_config(model_cfg), architectures=["CLIPVisionModel"])
-    return {task: save_hf_vision(vision_config, open_clip_visual_to_hf(
+    return {task: save_hf_vision(vision_config, open_clip_to_hf_clip_vision(
         {k: visual[k] + delta[k] for k in visual if k != "proj"}), root / "experts" / task)
         for task, delta in deltas.items()}
-
-
-def _strip(hf_state: Mapping[str, Tensor], prefix: str = "vision_model.") -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}
 
 
 # -------------------------------------------------------------------------------------------------- manifest

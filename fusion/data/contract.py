@@ -94,10 +94,12 @@ def check_task_dataset(dataset: object, source: str = "dataset") -> TaskDataset:
     return dataset  # type: ignore[return-value]
 
 
-def iterate_batches(dataset: TaskDataset, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Every example once, in order, in batches of ``batch_size`` (the last may be smaller)."""
+def iterate_batches(dataset: TaskDataset, batch_size: int,
+                    limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first ``limit`` examples (default: all) once, in order, in batches of ``batch_size`` (the last may be
+    smaller)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    n = len(dataset)
+    n = len(dataset) if limit is None else min(len(dataset), limit)
     for start in range(0, n, batch_size):
         yield dataset.batch(torch.arange(start, min(start + batch_size, n)))

@@ -116,8 +116,7 @@ class HFTaskPool:
         cut = split_transform(self.transform)
         images, labels = decode_split(data, spec.image_column, spec.label_column, cut, self._decoded_dir(), name,
                                       self._workers(len(data)))
-        return ImageTensorDataset(images, labels, cut.mean, cut.std, name) if cut.whole is None else \
-            ImageTensorDataset(images, labels, name=name)
+        return ImageTensorDataset(images, labels, cut.mean, cut.std, name)  # float32 (whole transform): as is
 
     def classnames(self, task: str) -> tuple[str, ...]:
         spec = self._spec(task)

@@ -43,6 +43,10 @@ class ImageTensorDataset(Dataset):
             raise ValueError(f"dataset '{name}': {len(images)} images but {len(labels)} labels")
         self.images, self.labels = images, labels.long()
         self.mean, self.std, self.name = mean, std, name
+        scalar = isinstance(mean, (int, float)) and isinstance(std, (int, float))
+        # per-channel statistics as tensors on the images' device, made once (not per batch)
+        self._norm = None if scalar else tuple(torch.as_tensor(v, dtype=torch.float32, device=images.device)
+                                                .view(-1, 1, 1) for v in (mean, std))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,13 +57,10 @@ class ImageTensorDataset(Dataset):
 
     def _convert(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
-            if isinstance(self.mean, (int, float)) and isinstance(self.std, (int, float)):
+            if self._norm is None:
                 x = (x.float() / 255.0 - self.mean) / self.std
             else:  # torchvision's ToTensor + Normalize, operation for operation
-                shape = (-1, 1, 1)
-                mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
-                std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
-                x = x.float().div(255).sub(mean).div(std)
+                x = x.float().div(255).sub(self._norm[0]).div(self._norm[1])
         return x.expand(*x.shape[:-3], 3, *x.shape[-2:]) if x.shape[-3] == 1 else x
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:

@@ -374,6 +374,8 @@ def routing_matrix(model: RoutedEncoder, taskpool, tasks: Sequence[str], split: 
     is a random sample); a mean over 512 images is exact to ~0.01 and costs a fraction of a full extra pass of the
     routed model (which runs K+1 MLP products per block). ``None`` reads every image.
     """
+    from fusion.data.contract import iterate_batches
+
     device, was_training = next(model.buffers()).device, model.training
     model.eval()
     rows = []
@@ -381,10 +383,8 @@ def routing_matrix(model: RoutedEncoder, taskpool, tasks: Sequence[str], split: 
         with model.collect_routing() as rec:
             for task in tasks:
                 rec.clear()
-                data = taskpool.dataset(task, split)
-                n = len(data) if max_images is None else min(len(data), max_images)
-                for start in range(0, n, batch_size):
-                    model(data.batch(torch.arange(start, min(start + batch_size, n)))[0].to(device))
+                for x, _ in iterate_batches(taskpool.dataset(task, split), batch_size, max_images):
+                    model(x.to(device))
                 rows.append(rec.mean())
     finally:
         model.train(was_training)

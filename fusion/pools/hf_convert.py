@@ -94,6 +94,28 @@ def hf_clip_vision_to_open_clip(hf_state: Mapping[str, Tensor], *,
     return out
 
 
+def open_clip_to_hf_clip_vision(visual: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`hf_clip_vision_to_open_clip` (the same key tables): open_clip ``model.visual`` keys to
+    ``vision_model.*`` keys with q/k/v split apart, and ``proj`` to ``visual_projection.weight`` (transposed)."""
+    top, renames = {v: k for k, v in _TOP.items()}, {v: k for k, v in _RENAMES.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in visual.items():
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(\w+)", key)
+        if key == "proj":
+            out["visual_projection.weight"] = value.T.contiguous()
+        elif key in top:
+            out[f"vision_model.{top[key]}"] = value
+        elif m and m.group(3) in ("in_proj_weight", "in_proj_bias"):
+            kind = "weight" if m.group(3) == "in_proj_weight" else "bias"
+            for name, chunk in zip("qkv", value.chunk(3, dim=0)):
+                out[f"vision_model.encoder.layers.{m.group(1)}.self_attn.{name}_proj.{kind}"] = chunk.contiguous()
+        elif m and m.group(2) in renames:
+            out[f"vision_model.encoder.layers.{m.group(1)}.{renames[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            raise HFConversionError(f"open_clip visual key '{key}' has no HF CLIP counterpart")
+    return out
+
+
 def load_hf_clip_vision(name_or_path: str, *, cache_dir: str | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
     """Load an HF CLIP checkpoint (hub id or local directory) as ``(vision state dict, projection or None)``.
 
