@@ -18,6 +18,10 @@ class CorruptFileError(UserError, OSError):
     """A file that exists but cannot be read (truncated, not the format its name says); the message names it."""
 
 
+class DownloadUnavailableError(UserError, RuntimeError):
+    """Weights that must be downloaded, on a machine that cannot reach them; the message says what to fetch."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Every exception type the entry point reports as a user error (imported lazily: no heavy imports here)."""
     from fusion.data.contract import TaskContractError

@@ -248,7 +248,9 @@ def create_open_clip(model: str, pretrained: str | None, cache_dir: str | None =
             model, pretrained=pretrained, cache_dir=cache_dir, force_quick_gelu=quick_gelu)
     except RuntimeError as e:
         if pretrained and "download" in str(e).lower():
-            raise RuntimeError(f"open_clip could not fetch the weights '{model}' / '{pretrained}' ({e}). Offline, "
+            from fusion.errors import DownloadUnavailableError
+
+            raise DownloadUnavailableError(f"open_clip could not fetch the weights '{model}' / '{pretrained}' ({e}). Offline, "
                                "download them once elsewhere into the open_clip / HF cache, or set "
                                "modelpool.pretrained to a local checkpoint file") from e
         raise
