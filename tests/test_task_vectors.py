@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from fusion.merge.combine import combine, simple_average, task_arithmetic
-from fusion.merge.task_vectors import (PoolMismatchError, add_delta, flatten, stack_task_vectors, task_vector,
-                                       unflatten, validate_compatible)
+from fusion.merge.task_vectors import (PoolMismatchError, add_delta, flatten, stack_task_vectors, unflatten,
+                                       validate_compatible)
 
 THETA0 = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5]), "n": torch.tensor([3])}
 E1 = {"w": torch.tensor([[2.0, 2.0], [3.0, 2.0]]), "b": torch.tensor([0.5, 0.5]), "n": torch.tensor([3])}
@@ -12,10 +12,10 @@ E2 = {"w": torch.tensor([[1.0, 0.0], [5.0, 4.0]]), "b": torch.tensor([1.5, -0.5]
 
 
 def test_task_vector_by_hand():
-    tv = task_vector(THETA0, E1)
+    tv = stack_task_vectors(THETA0, [E1])
     assert set(tv) == {"w", "b"}  # integer buffers are not merged
-    assert torch.equal(tv["w"], torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
-    assert torch.equal(tv["b"], torch.tensor([0.0, 1.0]))
+    assert torch.equal(tv["w"][0], torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
+    assert torch.equal(tv["b"][0], torch.tensor([0.0, 1.0]))
 
 
 def test_task_arithmetic_and_average_by_hand():

@@ -53,11 +53,6 @@ def check_finite(state: Mapping[str, Tensor], *, name: str = "expert", source: s
                 "checkpoint is corrupt or its fine-tuning diverged. Re-export it, or leave this task out of the pool")
 
 
-def task_vector(pretrained: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> StateDict:
-    """``τ = θ_ft − θ_0`` for every floating-point tensor of ``pretrained``."""
-    return {k: finetuned[k] - v for k, v in pretrained.items() if v.is_floating_point()}
-
-
 def stack_task_vectors(pretrained: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
                        *, dtype: torch.dtype | None = None) -> TaskVectors:
     """Stack the task vectors of ``experts`` into ``{name: Tensor[K, *shape]}``.
@@ -78,11 +73,6 @@ def stack_task_vectors(pretrained: Mapping[str, Tensor], experts: Sequence[Mappi
 def num_tasks(tv: Mapping[str, Tensor]) -> int:
     """The number ``K`` of stacked task vectors."""
     return next(iter(tv.values())).shape[0]
-
-
-def unstack(tv: Mapping[str, Tensor], k: int) -> StateDict:
-    """Task ``k``'s task vector from stacked task vectors."""
-    return {n: t[k] for n, t in tv.items()}
 
 
 def add_delta(pretrained: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> StateDict:

@@ -5,7 +5,6 @@ A model directory holds ``open_clip_config.json`` (``{"model_cfg": ..., "preproc
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +69,6 @@ def load_clip_dir(directory: str | Path) -> nn.Module:
             raise FileNotFoundError(f"{directory / name} is missing: not an open_clip local-dir model "
                                     f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     return open_clip.create_model(f"local-dir:{directory}")
-
-
-def read_clip_config(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / CONFIG_NAME).read_text())
 
 
 def freeze(module: nn.Module) -> nn.Module:
