@@ -12,7 +12,6 @@ wrong, on a labeled split (``val`` by default: no test labels). Writes ``benchma
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -25,34 +24,34 @@ sys.path.insert(0, str(ROOT))
 
 @torch.no_grad()
 def task_stats(encoder, heads, dataset, task: str, batch_size: int = 512) -> dict[str, float]:
-    """Accuracy, mean entropy (nats) and the wrong share of confident (p_max > 0.9) predictions."""
+    """Accuracy, mean entropy (nats, :func:`fusion.train.objectives.entropy`) and the wrong share of confident
+    (p_max > 0.9) predictions."""
     from fusion.data.contract import iterate_batches
+    from fusion.train.objectives import entropy
 
-    correct = entropy = confident = confident_wrong = n = 0
+    correct = total_entropy = confident = confident_wrong = n = 0
     for x, y in iterate_batches(dataset, batch_size):
-        p = heads(encoder(x), task).softmax(-1)
-        pmax, pred = p.max(-1)
+        logits = heads(encoder(x), task)
+        pmax, pred = logits.softmax(-1).max(-1)
         correct += int((pred == y).sum())
-        entropy += float(-(p * p.clamp_min(1e-12).log()).sum(-1).sum())
+        total_entropy += float(entropy(logits)) * len(y)
         sure = pmax > 0.9
         confident += int(sure.sum())
         confident_wrong += int((sure & (pred != y)).sum())
         n += len(y)
-    return {"accuracy": correct / n, "entropy": entropy / n, "confident_share": confident / n,
+    return {"accuracy": correct / n, "entropy": total_entropy / n, "confident_share": confident / n,
             "confident_wrong_share": confident_wrong / max(confident, 1)}
 
 
 def merged_encoder(pool, lambdas: torch.Tensor, names: list[str] | None = None):
     """``θ0 + Σ_k λ_k τ_k`` (``lambdas [K]``) or layer-wise (``lambdas [K, tensors]`` in the order of ``names``)."""
     from fusion.merge.combine import combine
-    from fusion.merge.task_vectors import add_delta
+    from fusion.methods.static import merged_encoder
 
     tv = pool.task_vectors()
     if lambdas.dim() == 2:
         lambdas = lambdas[:, [names.index(key) for key in tv]]
-    encoder = copy.deepcopy(pool.encoder)
-    encoder.load_state_dict(add_delta(pool.pretrained_state(), combine(tv, lambdas)))
-    return encoder.eval()
+    return merged_encoder(pool, combine(tv, lambdas))
 
 
 def main() -> None:
