@@ -16,10 +16,13 @@ torch.set_num_threads(1)
 from fusion.data.taskpool import InMemoryTaskPool, TaskInfo, save_taskpool  # noqa: E402
 
 TINY_TASKS = ("alpha", "beta", "gamma")
-TINY_RECIPE = {
-    "model": "fusion-tiny-vit", "seed": 0, "max_logit_scale": 30.0,
-    "pretrain": {"fractions": {t: 0.5 for t in TINY_TASKS}, "steps": 15, "batch_size": 32, "lr": 3e-3,
-                 "weight_decay": 0.0, "warmup": 0.1, "augment": False},
+TINY_BASE_RECIPE = {  # pretraining of the tiny base release (fusion.pools.mini8_pretrain.pretrain_base)
+    "model": "fusion-tiny-vit", "seed": 0, "steps": 15, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0,
+    "warmup": 0.1, "ssl_weight": 0.5, "ssl_temperature": 0.2, "caption_fractions": {t: 0.5 for t in TINY_TASKS},
+    "amp": False,
+}
+TINY_RECIPE = {  # the pool recipe over that base ("base" is filled in by the tiny_dirs fixture)
+    "base": None, "seed": 0, "logit_scale": 30.0,
     "finetune": {"steps": {"alpha": 25, "beta": 15, "gamma": 10}, "batch_size": 32, "lr": 3e-3,
                  "weight_decay": 0.0, "warmup": 0.1, "augment": False},
 }
@@ -48,14 +51,25 @@ def tiny_taskpool() -> InMemoryTaskPool:
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory, tiny_taskpool):
+def tiny_dirs(tmp_path_factory, tiny_taskpool, tiny_base):
     """``(pool_dir, taskpool_dir)``: a tiny CLIP pool built by the mini8 builder on the synthetic tasks."""
     from fusion.pools.mini8 import build_pool
 
     root = tmp_path_factory.mktemp("tiny")
     save_taskpool(tiny_taskpool, root / "tasks")
-    build_pool(root / "pool", tiny_taskpool, TINY_RECIPE, {"version": "synthetic"})
+    build_pool(root / "pool", tiny_taskpool, {**TINY_RECIPE, "base": str(tiny_base)}, {"version": "synthetic"})
     return root / "pool", root / "tasks"
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_taskpool):
+    """A tiny CLIP release pretrained by the mini8 pretraining code (SLIP) on the synthetic tasks."""
+    from fusion.pools.mini8_pretrain import pretrain_base
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    pretrain_base(TINY_BASE_RECIPE, root / "release", work_dir=root / "work", taskpool=tiny_taskpool,
+                  data_version="synthetic")
+    return root / "release"
 
 
 @pytest.fixture(scope="session")

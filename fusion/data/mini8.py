@@ -304,6 +304,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=None, choices=list(MINI8_TASKS))
     p.add_argument("--no-strict", dest="strict", action="store_false", help="record changed source checksums")
     p.add_argument("-q", "--quiet", action="store_true")
+    g = p.add_argument_group("pretraining mini8's CLIP (the shipped base of every mini8 pool)")
+    g.add_argument("--pretrain", action="store_true",
+                   help="re-create the released mini8 CLIP from its card's recipe and report whether it hashes the same")
+    g.add_argument("--out", type=Path, default=None, help="release dir (default <cache>/mini8-clip/<recipe hash>)")
+    g.add_argument("--recipe", type=Path, default=None, help="a JSON recipe (default: the shipped card's)")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when present)")
     return p.parse_args(argv)
 
 
@@ -335,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = build_mini8(args.root, seed=args.seed, subset=args.subset, tasks=args.tasks,
                        fetch=args.fetch, strict=args.strict)
     _print_summary(root, time.perf_counter() - start)
+    if args.pretrain:
+        from fusion.pools.mini8_pretrain import rebuild_release
+
+        print(rebuild_release(args.out, args.recipe, args.device))
     return 0
 
 

@@ -1,10 +1,14 @@
 """The mini8 model pool: recipe, cache and loader (the embedded default of every experiment).
 
-The recipe (``conf/modelpool/mini8.yaml``) is hashed together with the data manifest's version; the pool is
-built once into ``<cache>/pools/mini8-<hash>`` and rebuilt only when the recipe or the data change.
+A pool is built as users build CLIP pools: from a released pretrained CLIP (the one shipped in
+``fusion/assets/mini8_clip``, :mod:`fusion.pools.mini8_base`) it derives the zero-shot heads and fine-tunes one
+expert per task. The recipe (``conf/modelpool/mini8.yaml``) is hashed together with the data manifest's version
+and the base's sha256; the pool is built once into ``<cache>/pools/mini8-<hash>`` (on CUDA when present) and
+rebuilt only when the recipe, the base or the data change.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -16,52 +20,71 @@ import torch
 from fusion.data.cache import default_cache_dir
 from fusion.evaluate import evaluate, summarize
 from fusion.pools import mini8_build as build
-from fusion.pools.openclip import create_clip, model_config
+from fusion.pools.diagnostics import pool_diagnostics
+from fusion.pools.mini8_base import RELEASE_DIR, load_base, read_card
+from fusion.pools.openclip import CONFIG_NAME
 from fusion.pools.pool import ModelPool, load_pool, save_pool
-from fusion.utils import configure_threads, sha256_file, sha256_json
+from fusion.utils import atomic_write_json, configure_threads, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
-POOL_VERSION = "mini8-pool-v3"
+POOL_VERSION = "mini8-pool-v4"
+
+
+def base_dir(recipe: Mapping[str, Any]) -> Path:
+    """The released CLIP a pool is built from: ``recipe["base"]``, or the shipped release when it is ``None``."""
+    return Path(recipe["base"]) if recipe.get("base") else RELEASE_DIR
 
 
 def pool_key(recipe: Mapping[str, Any], data_version: str) -> str:
-    """The 12-hex-digit hash that names a pool built from ``recipe`` on data ``data_version``."""
-    return sha256_json({"pool_version": POOL_VERSION, "data": data_version, "recipe": recipe})[:12]
+    """The 12-hex-digit hash that names a pool built from ``recipe`` (and its base's weights) on ``data_version``."""
+    base = read_card(base_dir(recipe))["sha256"]
+    return sha256_json({"pool_version": POOL_VERSION, "data": data_version, "recipe": recipe, "base": base})[:12]
 
 
 def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest: Mapping[str, Any],
-               accelerator: str = "cpu") -> Path:
-    """Pretrain, derive heads, fine-tune one expert per task, evaluate, and save the pool to ``out_dir``."""
+               accelerator: str | None = None) -> Path:
+    """Build the pool of ``recipe`` from its base release into ``out_dir`` (see :func:`finetune_pool`)."""
     import open_clip
 
+    base = base_dir(recipe)
+    card = read_card(base)
+    manifest = {"name": "mini8", "version": POOL_VERSION, "pool_hash": pool_key(recipe, data_manifest["version"]),
+                "recipe": dict(recipe), "data_version": data_manifest["version"],
+                "base": {"name": card["name"], "sha256": card["sha256"]}}
+    return finetune_pool(load_base(base), open_clip.get_tokenizer(f"local-dir:{base}"),
+                         json.loads((base / CONFIG_NAME).read_text())["model_cfg"], out_dir, taskpool, recipe,
+                         manifest, accelerator)
+
+
+def finetune_pool(clip, tokenize, model_cfg: Mapping[str, Any], out_dir: Path, taskpool,
+                  recipe: Mapping[str, Any], manifest: Mapping[str, Any], accelerator: str | None = None) -> Path:
+    """Derive the zero-shot heads from ``clip``, fine-tune one expert per task (``recipe["finetune"]``), save the
+    pool to ``out_dir`` and measure it (:func:`pool_report`) into its manifest.
+
+    ``accelerator``: ``gpu`` or ``cpu``; ``None`` uses CUDA when it is present.
+    """
+    accelerator = accelerator or ("gpu" if torch.cuda.is_available() else "cpu")
     start = time.time()
-    seed, pre, ft = int(recipe["seed"]), recipe["pretrain"], recipe["finetune"]
+    seed, ft = int(recipe["seed"]), recipe["finetune"]
     torch.manual_seed(seed)
-    clip = create_clip(recipe["model"])
-    tokenize = open_clip.get_tokenizer(recipe["model"])
-    build.pretrain_clip(clip, taskpool, tokenize, seed=seed, accelerator=accelerator, **pre)
-    heads = build.zero_shot_heads(clip, taskpool, tokenize, float(recipe["max_logit_scale"]))
+    heads = build.zero_shot_heads(clip, taskpool, tokenize, recipe["logit_scale"])
     encoder = clip.visual.eval()
     experts = {}
     for i, task in enumerate(taskpool.tasks):
-        log.info("fine-tuning expert %s (%d steps)", task, ft["steps"][task])
+        log.info("fine-tuning expert %s (%d/%d, %d steps; %.0f s so far)", task, i + 1, len(taskpool.tasks),
+                 ft["steps"][task], time.time() - start)
         experts[task] = build.finetune_expert(
             encoder, heads, taskpool, task, steps=int(ft["steps"][task]), batch_size=ft["batch_size"], lr=ft["lr"],
             weight_decay=ft["weight_decay"], warmup=ft["warmup"], augment=ft["augment"], seed=seed + 1 + i,
-            accelerator=accelerator)
-    manifest = {
-        "name": "mini8", "version": POOL_VERSION, "pool_hash": pool_key(recipe, data_manifest["version"]),
-        "recipe": dict(recipe), "seed": seed, "tasks": taskpool.tasks, "data_version": data_manifest["version"],
-        "logit_scale": heads.logit_scale,
-    }
-    save_pool(out_dir, clip, model_config(recipe["model"]), experts, heads, manifest)
+            accelerator=accelerator, layer_decay=float(ft.get("layer_decay", 1.0)))
+    manifest = {**manifest, "seed": seed, "tasks": taskpool.tasks, "logit_scale": heads.logit_scale}
+    save_pool(out_dir, clip, dict(model_cfg), experts, heads, manifest)
+    manifest["experts_seconds"] = round(time.time() - start, 1)
     pool = load_pool(out_dir)
     manifest.update(pool_report(pool, taskpool, "cuda" if accelerator == "gpu" else "cpu"))
     manifest["build_seconds"] = round(time.time() - start, 1)
     manifest["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*.safetensors"))}
-    from fusion.utils import atomic_write_json
-
     atomic_write_json(out_dir / "manifest.json", manifest)
     log.info("mini8 pool built in %.0f s at %s", manifest["build_seconds"], out_dir)
     return out_dir
@@ -78,8 +101,10 @@ def pool_report(pool: ModelPool, taskpool, device: str = "cpu") -> dict[str, Any
                       "individual": summarize(evaluate(experts, pool.heads, taskpool, split=split, device=device))}
     pool.encoder.cpu(), pool.heads.cpu()
     stats = build.task_vector_stats(pool.pretrained_state(), pool.experts)
+    diagnostics = pool_diagnostics(pool.to(device), taskpool, acc["val"]["pretrained"]["per_task"])
+    pool.to("cpu")
     acc["taskpool_fingerprint"] = taskpool.fingerprint()  # the reference rows hold for this task pool only
-    return {"accuracy": acc, "task_vectors": stats}
+    return {"accuracy": acc, "task_vectors": stats, "diagnostics": diagnostics}
 
 
 def mini8_pool(recipe: Mapping[str, Any], root: str | None = None, build_if_missing: bool = True,

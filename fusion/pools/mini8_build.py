@@ -1,19 +1,18 @@
-"""Build the mini8 model pool the way CLIP pools are built, in minutes on a CPU.
+"""The pieces of a CLIP pool build: caption contrast, zero-shot heads, expert fine-tuning, task-vector statistics.
 
-1. *Pretraining*: a tiny open_clip CLIP (``fusion-mini8-vit``) trained contrastively (image → caption, every
-   caption of a concept positive, UniCL-style) on uneven fractions of each task's train split, kept short so
-   zero-shot accuracy stays well below the experts.
+1. *Pretraining* (:mod:`fusion.pools.mini8_pretrain`, done once and shipped): captions of concepts, contrasted with
+   :func:`concept_contrastive_loss`.
 2. *Zero-shot heads*: per class, the mean normalised text embedding over the task's templates; frozen.
 3. *Experts*: the image encoder fine-tuned on each task's train split against its frozen head with
    cross-entropy (Lightning), as in the task-vectors recipe. Fine-tuning budgets differ per task, as real ones
-   do, so task vectors differ in size (see ../shared/MINI8-NOTES.md).
+   do, so task vectors differ in size.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -60,16 +59,26 @@ class ConceptCaptions:
 
     A concept is a (task, class) pair and its captions are the task's templates filled with the class name
     (every caption of a concept is a positive, UniCL-style). ``concept_of[task]`` maps labels to concept ids.
+    ``coarse`` adds one concept per listed task whose captions name only the task's kind of image ("a handwritten
+    digit."); ``coarse_of[task]`` is its id.
     """
 
-    def __init__(self, taskpool, tokenize):
+    def __init__(self, taskpool, tokenize, coarse: Mapping[str, Sequence[str]] | None = None):
         captions: dict[str, list[str]] = {}
         for task in taskpool.tasks:
             for name in taskpool.classnames(task):
                 captions[f"{task}/{name}"] = [t.format(name) for t in taskpool.templates(task)]
+        unknown = sorted(set(coarse or {}) - set(taskpool.tasks))
+        if unknown:
+            raise KeyError(f"coarse captions name tasks {unknown} that the task pool lacks ({taskpool.tasks})")
+        for task, texts in (coarse or {}).items():
+            if not texts:
+                raise ValueError(f"coarse captions of task '{task}' are empty")
+            captions[f"{task}/*"] = list(texts)
         names = list(captions)
         self.concept_of = {t: torch.tensor([names.index(f"{t}/{n}") for n in taskpool.classnames(t)])
                            for t in taskpool.tasks}
+        self.coarse_of = {t: names.index(f"{t}/*") for t in (coarse or {})}
         width = max(len(c) for c in captions.values())
         self.tokens = torch.stack([tokenize([c[i % len(c)] for i in range(width)]) for c in captions.values()])
 
@@ -95,45 +104,35 @@ def concept_contrastive_loss(logits: Tensor, concept: Tensor, symmetric: bool = 
     return 0.5 * (loss - (torch.logsumexp(logp.masked_fill(~positives, float("-inf")), -1)).mean())
 
 
-class ContrastivePretraining(pl.LightningModule):
-    """Image → concept-caption contrastive pretraining of a whole CLIP (learnable logit scale)."""
+def block_depth(name: str, num_blocks: int) -> int:
+    """Depth of an open_clip ViT parameter: 0 for the stem (patch embedding, class and position embeddings,
+    ``ln_pre``), ``i + 1`` for ``transformer.resblocks.i``, ``num_blocks + 1`` for the head (``ln_post``, ``proj``)."""
+    if name.startswith("transformer.resblocks."):
+        return int(name.split(".")[2]) + 1
+    stem = ("conv1", "class_embedding", "positional_embedding", "ln_pre")
+    return 0 if name.startswith(stem) else num_blocks + 1
 
-    def __init__(self, clip: nn.Module, captions: ConceptCaptions, steps: int, lr: float, weight_decay: float,
-                 warmup: float, augment: bool, seed: int, symmetric: bool = False):
-        super().__init__()
-        self.clip, self.captions, self.symmetric = clip, captions, symmetric
-        self.steps, self.lr, self.weight_decay, self.warmup, self.augment = steps, lr, weight_decay, warmup, augment
-        self.gen = torch.Generator().manual_seed(seed)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], _: int) -> Tensor:
-        x, concept = batch
-        if self.augment:
-            x = random_affine(x, self.gen)
-        image = F.normalize(self.clip.encode_image(x), dim=-1)
-        text = F.normalize(self.clip.encode_text(self.captions.sample(self.gen).to(x.device)), dim=-1)
-        scale = self.clip.logit_scale.exp().clamp(max=100)
-        loss = concept_contrastive_loss(scale * image @ text.T, concept, self.symmetric)
-        self.log("pretrain/loss", loss)
-        if self.global_step % 50 == 0:
-            log.info("pretrain step %d/%d loss %.3f", self.global_step, self.steps, float(loss.detach()))
-        return loss
-
-    def configure_optimizers(self):
-        decay = [p for n, p in self.clip.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in self.clip.named_parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        return [opt], [{"scheduler": warmup_cosine(opt, self.steps, self.warmup), "interval": "step"}]
+def layer_decay_groups(named: list[tuple[str, nn.Parameter]], lr: float, decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups with layer-wise learning-rate decay (BEiT, Bao et al. 2022): depth ``d`` of ``D + 1``
+    trains at ``lr · decay^(D + 1 − d)``, so the head trains at ``lr`` and the stem at ``lr · decay^(D + 1)``."""
+    blocks = 1 + max((int(n.split(".")[2]) for n, _ in named if n.startswith("transformer.resblocks.")), default=-1)
+    groups: dict[int, list[nn.Parameter]] = {}
+    for name, param in named:
+        groups.setdefault(block_depth(name, blocks), []).append(param)
+    return [{"params": ps, "lr": lr * decay ** (blocks + 1 - d)} for d, ps in sorted(groups.items())]
 
 
 class ExpertFinetuning(pl.LightningModule):
-    """Fine-tune an image encoder against a frozen zero-shot head with cross-entropy (task-vectors recipe)."""
+    """Fine-tune an image encoder against a frozen zero-shot head with cross-entropy (task-vectors recipe);
+    ``layer_decay < 1`` lowers the learning rate of shallower blocks (:func:`layer_decay_groups`)."""
 
     def __init__(self, encoder: nn.Module, heads: ZeroShotHeads, task: str, steps: int, lr: float,
-                 weight_decay: float, warmup: float, augment: bool, seed: int):
+                 weight_decay: float, warmup: float, augment: bool, seed: int, layer_decay: float = 1.0):
         super().__init__()
         self.encoder, self.heads, self.task = encoder, heads, task
         self.steps, self.lr, self.weight_decay, self.warmup, self.augment = steps, lr, weight_decay, warmup, augment
+        self.layer_decay = layer_decay
         self.gen = torch.Generator().manual_seed(seed)
 
     def training_step(self, batch: tuple[Tensor, Tensor], _: int) -> Tensor:
@@ -145,55 +144,29 @@ class ExpertFinetuning(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.encoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params = (self.encoder.parameters() if self.layer_decay == 1.0 else
+                  layer_decay_groups(list(self.encoder.named_parameters()), self.lr, self.layer_decay))
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         return [opt], [{"scheduler": warmup_cosine(opt, self.steps, self.warmup), "interval": "step"}]
 
 
-def pretraining_set(taskpool, fractions: Mapping[str, float], concept_of: Mapping[str, Tensor], seed: int):
-    """Uneven, seeded fractions of each task's train split, labelled by global concept id."""
-    gen = torch.Generator().manual_seed(seed)
-    images, concepts = [], []
-    for task in taskpool.tasks:
-        ds = taskpool.dataset(task, "train")
-        n = max(1, int(round(fractions[task] * len(ds))))
-        idx = torch.randperm(len(ds), generator=gen)[:n]
-        images.append(ds.images[idx])
-        concepts.append(concept_of[task][ds.labels[idx]])
-    return ImageTensorDataset(torch.cat(images), torch.cat(concepts), name="mini8/pretrain")
-
-
-def pretrain_clip(clip: nn.Module, taskpool, tokenize, *, fractions: Mapping[str, float], steps: int,
-                  batch_size: int, lr: float, weight_decay: float, warmup: float, augment: bool,
-                  seed: int, accelerator: str = "cpu", symmetric: bool = False) -> nn.Module:
-    """Contrastively pretrain ``clip`` in place on the concept captions of ``taskpool``; returns it."""
-    unknown = sorted(set(fractions) ^ set(taskpool.tasks))
-    if unknown:
-        raise KeyError(f"pretrain.fractions must name exactly the pool's tasks {taskpool.tasks}; mismatch: {unknown}")
-    captions = ConceptCaptions(taskpool, tokenize)
-    data = pretraining_set(taskpool, fractions, captions.concept_of, seed)
-    log.info("pretraining on %d images, %d concepts, %d steps", len(data), captions.tokens.shape[0], steps)
-    module = ContrastivePretraining(clip, captions, steps, lr, weight_decay, warmup, augment, seed, symmetric)
-    quiet_trainer(steps, seed, accelerator).fit(module, random_batches(data, batch_size, steps, seed))
-    return clip.cpu().eval()
-
-
 @torch.no_grad()
-def zero_shot_heads(clip: nn.Module, taskpool, tokenize, max_logit_scale: float) -> ZeroShotHeads:
-    """The CLIP zero-shot heads of every task, with the learned logit scale (capped)."""
+def zero_shot_heads(clip: nn.Module, taskpool, tokenize, logit_scale: float | None = None) -> ZeroShotHeads:
+    """The CLIP zero-shot heads of every task; ``logit_scale`` ``None`` takes the model's learned one."""
     clip.eval()
     heads = {t: class_embeddings(clip.encode_text, tokenize, taskpool.classnames(t), taskpool.templates(t))
              for t in taskpool.tasks}
-    return ZeroShotHeads(heads, min(float(clip.logit_scale.exp()), max_logit_scale))
+    return ZeroShotHeads(heads, float(clip.logit_scale.exp()) if logit_scale is None else float(logit_scale))
 
 
 def finetune_expert(encoder: nn.Module, heads: ZeroShotHeads, taskpool, task: str, *, steps: int,
                     batch_size: int, lr: float, weight_decay: float, warmup: float, augment: bool,
-                    seed: int, accelerator: str = "cpu") -> dict[str, Tensor]:
+                    seed: int, accelerator: str = "cpu", layer_decay: float = 1.0) -> dict[str, Tensor]:
     """Fine-tune a copy of ``encoder`` on ``task``; returns its state dict (float32, detached)."""
     expert = copy.deepcopy(encoder).train()
     for p in expert.parameters():
         p.requires_grad_(True)
-    module = ExpertFinetuning(expert, heads, task, steps, lr, weight_decay, warmup, augment, seed)
+    module = ExpertFinetuning(expert, heads, task, steps, lr, weight_decay, warmup, augment, seed, layer_decay)
     quiet_trainer(steps, seed, accelerator).fit(module, random_batches(taskpool.dataset(task, "train"), batch_size,
                                                                        steps, seed))
     return {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}
