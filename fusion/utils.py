@@ -25,13 +25,6 @@ def configure_threads(num_threads: int | None = None) -> int:
     return n
 
 
-def rank_and_world(group=None) -> tuple[int, int]:
-    """This process's rank and its process group's size; ``(0, 1)`` without a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-    return 0, 1
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

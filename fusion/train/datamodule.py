@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from fusion.data.contract import check_task_dataset
-from fusion.utils import rank_and_world
+from fusion.param.sharding import rank_and_world
 
 
 def index_stream(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
