@@ -3,7 +3,7 @@
     python benchmarks/reevaluate_routed.py [--form auto|experts|weights] [--threads 2] [--runs-dir DIR] [run ...]
 
 Each run directory under ``--runs-dir`` (default ``benchmarks/results/runs``) with a ``routed_model/`` (WEMoE,
-sparse WEMoE, SMEAR) is rebuilt over the mini8 pool (:func:`fusion.param.routed.load_routed`) and scored on the test
+sparse WEMoE, SMEAR) is rebuilt over the mini8 pool (:func:`fusion.report.merge_files.read_routed`) and scored on the test
 splits (:func:`fusion.evaluate.evaluate`). Both forms compute the same per-sample merge, so the accuracies must equal
 the recorded ones up to float ties; this checks it on the trained routers, not only on the random ones of the tests.
 Prints one line per run; writes nothing.
@@ -32,7 +32,7 @@ def main() -> None:
     from benchmarks import default_mini8_pool
     from fusion.data.taskpool import mini8_taskpool
     from fusion.evaluate import evaluate
-    from fusion.param.routed import load_routed
+    from fusion.report.merge_files import read_routed
     from fusion.utils import configure_threads
 
     configure_threads(args.threads)
@@ -46,7 +46,7 @@ def main() -> None:
     worst = 0.0
     for name in names:
         recorded = json.loads((runs / name / "results.json").read_text())
-        model = load_routed(runs / name / "routed_model", pool.encoder, tv)
+        model = read_routed(runs / name / "routed_model", pool.encoder, tv)
         for block in model.blocks().values():
             block.form = args.form
         acc = evaluate(model, pool.heads, taskpool, split="test", tasks=pool.tasks)

@@ -46,7 +46,10 @@ def test_static_methods_write_results(tiny_dirs, tmp_path, method):
     assert list(res["per_task"]) == ["alpha", "beta", "gamma"]
     assert all(0.0 <= a <= 1.0 for a in res["per_task"].values())
     assert res["mean_accuracy"] == pytest.approx(sum(res["per_task"].values()) / 3)
-    assert set(res["reference"]) == {"pretrained", "individual"}
+    assert set(res["reference"]) == {"pretrained", "individual", "task_arithmetic"}
+    if method == "task_arithmetic":  # the reference row is the same merge, measured (or cached) on its own
+        assert res["reference"]["task_arithmetic"]["per_task"] == res["per_task"]
+        assert res["reference"]["task_arithmetic"]["hyperparameters"] == res["method_info"]["hyperparameters"]
     if method != "simple_average":
         tuning = res["method_info"]["tuning"]
         assert tuning["on"] == "val" and len(tuning["scores"]) > 1

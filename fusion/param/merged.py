@@ -9,8 +9,8 @@ Contract (tests/test_contract.py): a static parametrization says :meth:`merge_an
 plain module whose outputs equal the wrapped model's; an input-dependent one (routers) refuses it.
 
 Under ``trainer=fsdp`` :meth:`MergedEncoder.shard_task_vectors` keeps only this rank's chunk of every task vector
-(:mod:`fusion.param.sharding`); the weighting must then say which part of it is elementwise in ``τ``
-(``elementwise_split()``).
+(:mod:`fusion.param.sharding`); the weighting (:class:`fusion.param.contract.Weighting`) then says which part of it
+is elementwise in ``τ`` (``elementwise_split()``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fusion.merge.task_vectors import TaskVectors, num_tasks
-from fusion.param.contract import InputDependentError, MergeRecord, NotShardableError, ParametrizationBase
+from fusion.param.contract import InputDependentError, MergeRecord, NotShardableError, ParametrizationBase, Weighting
 from fusion.param.sharding import ShardLayout, all_gather_rows, average_gradients_, rank_and_world
 
 __all__ = ["InputDependentError", "MergedEncoder", "NotShardableError", "freeze_"]
@@ -41,11 +41,11 @@ class MergedEncoder(ParametrizationBase):
     Args:
         base: the pretrained encoder (frozen here, shared, not copied).
         task_vectors: stacked ``{name: Tensor[K, *shape]}``; names must be parameters of ``base``.
-        weighting: a :class:`fusion.param.coefficients.Weighting`: ``τ -> δ`` with ``stats()``, ``coefficients()``
-            and ``elementwise_split()``.
+        weighting: a :class:`fusion.param.contract.Weighting` (an ``nn.Module``): ``τ -> δ`` with ``stats()``,
+            ``coefficients()`` and ``elementwise_split()``.
     """
 
-    def __init__(self, base: nn.Module, task_vectors: Mapping[str, Tensor], weighting: nn.Module):
+    def __init__(self, base: nn.Module, task_vectors: Mapping[str, Tensor], weighting: Weighting):
         super().__init__()
         params = dict(base.named_parameters())
         unknown = [n for n in task_vectors if n not in params]
