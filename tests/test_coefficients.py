@@ -87,12 +87,16 @@ def test_coefficient_gradient_is_inner_product_with_task_vector(name):
     assert dlam.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
-def test_per_task_backward_equals_summed_loss(name):
+def with_loop(name: str):
+    """``(model, heads, batch, loop)``: the parametrization ``name``, frozen heads, one batch per task, the loop."""
     model, _ = build(name)
     heads = TinyHeads([f"t{i}" for i in range(K)])
-    batch = batches()
-    loop = _Harness(model, heads, entropy, torch.optim.Adam)
+    return model, heads, batches(), _Harness(model, heads, entropy, torch.optim.Adam)
+
+
+@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
+def test_per_task_backward_equals_summed_loss(name):
+    model, heads, batch, loop = with_loop(name)
     loop.task_losses(batch)
     per_task = model.weighting.lambdas.grad.clone()
     model.weighting.lambdas.grad = None
@@ -104,10 +108,7 @@ def test_per_task_backward_equals_summed_loss(name):
 def test_non_finite_loss_or_gradient_is_caught_once_per_step_naming_the_task():
     from fusion.train.module import NonFiniteLossError
 
-    model, _ = build("layer_wise")
-    heads = TinyHeads([f"t{i}" for i in range(K)])
-    batch = batches()
-    loop = _Harness(model, heads, entropy, torch.optim.Adam)
+    model, heads, batch, loop = with_loop("layer_wise")
     losses = loop.task_losses(batch)
     loop.check_finite(losses)  # finite: passes
     bad = {**losses, "t1": torch.tensor(float("nan"))}
@@ -120,10 +121,7 @@ def test_non_finite_loss_or_gradient_is_caught_once_per_step_naming_the_task():
 
 @pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
 def test_entropy_steps_lower_entropy_and_move_coefficients(name):
-    model, _ = build(name)
-    heads = TinyHeads([f"t{i}" for i in range(K)])
-    batch = batches()
-    loop = _Harness(model, heads, entropy, torch.optim.Adam)
+    model, heads, batch, loop = with_loop(name)
     opt = torch.optim.Adam([model.weighting.lambdas], lr=0.05)
     before = model.weighting.lambdas.detach().clone()
     first = None

@@ -68,3 +68,43 @@ def test_eta_log_extrapolates_the_average_rate(caplog):
     assert duration(7.4) == "7s" and duration(59.6) == "1m00s"
     with pytest.raises(ValueError):
         EtaLog(0, "nothing")
+
+
+def test_training_bar_names_the_stage_not_an_epoch():
+    from fusion.train.progress import StepProgressBar
+
+    assert StepProgressBar("concrete_adamerging_layer_wise/phase1")._get_train_description(0) == \
+        "training concrete_adamerging_layer_wise/phase1"
+
+
+def test_static_reference_rows_are_cached_per_pool_task_pool_and_config(tiny_pool, tiny_taskpool, tmp_path,
+                                                                         monkeypatch):
+    from functools import partial
+
+    from fusion.evaluate import evaluate
+    from fusion.merge.combine import task_arithmetic
+    from fusion.methods.base import RunContext
+    from fusion.methods.static import StaticMerge, merged_encoder
+    from fusion.reference import reference_rows
+
+    monkeypatch.setenv("FUSION_CACHE", str(tmp_path / "cache"))
+    runs = []
+
+    class Counted(StaticMerge):
+        def run(self, *args):
+            runs.append(self.fn.keywords["lam"])
+            return super().run(*args)
+
+    ctx, fingerprint = RunContext(output_dir=tmp_path), tiny_taskpool.fingerprint()
+    rows = reference_rows(tiny_pool, tiny_taskpool, fingerprint, ctx,
+                          {"ta": (Counted(partial(task_arithmetic, lam=0.5)), {"lam": 0.5})})
+    want = evaluate(merged_encoder(tiny_pool, task_arithmetic(tiny_pool.task_vectors(), 0.5)), tiny_pool.heads,
+                    tiny_taskpool, split="test")  # an independent merge and evaluation
+    assert rows["ta"]["per_task"] == pytest.approx(want) and rows["ta"]["hyperparameters"] == {"lam": 0.5}
+    assert set(rows) == {"pretrained", "individual", "ta"} and runs == [0.5]
+    again = reference_rows(tiny_pool, tiny_taskpool, fingerprint, ctx,
+                           {"ta": (Counted(partial(task_arithmetic, lam=0.5)), {"lam": 0.5})})
+    assert again == rows and runs == [0.5]  # cached
+    other = reference_rows(tiny_pool, tiny_taskpool, fingerprint, ctx,
+                           {"ta": (Counted(partial(task_arithmetic, lam=0.1)), {"lam": 0.1})})
+    assert runs == [0.5, 0.1] and other["ta"]["per_task"] != rows["ta"]["per_task"]  # another config: measured

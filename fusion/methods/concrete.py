@@ -5,9 +5,10 @@ Phase 1 (``method.phase1``, a :class:`fusion.methods.learned.LearnedMerge` whose
 variable, task- or layer-wise ``λ`` the inner one (reset to ``λ_0`` every step, one Adam step at lr 1 with the mask
 detached; outer Adam at lr 1e-3 on a fresh sample). Phase 2 (``method.phase2``, the AdaMerging runner): the final
 mask ``m`` is frozen and ``λ`` is learned over ``τ̃_k = τ_k ⊙ m / mean(m)``, given as its ``preprocess``. Both
-phases inherit the method's ``objective``, ``data``, ``tv_dtype`` and the resolved ``init``, unless the phase's
-own config sets them (e.g. ``+method.phase2.objective=...``). Concrete Task Arithmetic needs no class: it is one
-``LearnedMerge`` with ``model = concrete_merge``.
+phases inherit the method's ``objective``, ``data`` and ``tv_dtype`` unless the phase's own config sets them (e.g.
+``+method.phase2.objective=...``), start at the method's ``init`` (resolved once) and read the task vectors after
+the method's ``preprocess``. Concrete Task Arithmetic needs no class: it is one ``LearnedMerge`` with
+``model = concrete_merge``.
 """
 from __future__ import annotations
 
