@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ def setup(model_name: str, k: int, image_size: int | None = None):
 
 def step_times(model_name: str, k: int, batch: int, steps: int) -> dict:
     from fusion.train.module import MergeTraining
-    from fusion.train.objectives import entropy
+    from fusion.train.objectives import Entropy, entropy
 
     encoder, model = setup(model_name, k)
     size = encoder.image_size[0] if isinstance(encoder.image_size, tuple) else encoder.image_size
@@ -51,7 +50,7 @@ def step_times(model_name: str, k: int, batch: int, steps: int) -> dict:
         def manual_backward(self, loss, *a, **kw):
             loss.backward(*a, **kw)
 
-    loop = Loop(model, heads, entropy, torch.optim.Adam)
+    loop = Loop(model, heads, Entropy(), torch.optim.Adam)
     opt = torch.optim.Adam([model.weighting.lambdas], lr=1e-3)
 
     def merge_step():

@@ -56,7 +56,7 @@ def make_step(name: str, model, data: dict):
     """``() -> None``: one training step of ``name`` on ``data`` (``{task: (images, None)}``)."""
     from fusion.train.bilevel import BilevelTraining, split_batch
     from fusion.train.module import MergeTraining
-    from fusion.train.objectives import entropy
+    from fusion.train.objectives import Entropy
 
     heads = lambda f, t: f  # noqa: E731  (features as logits: the head cost is negligible)
 
@@ -65,7 +65,7 @@ def make_step(name: str, model, data: dict):
             def manual_backward(self, loss, *a, **kw):
                 loss.backward(*a, **kw)
 
-        loop = Bilevel(model, heads, entropy, torch.optim.Adam,
+        loop = Bilevel(model, heads, Entropy(), torch.optim.Adam,
                        inner_optimizer=lambda ps: torch.optim.Adam(ps, lr=1.0))
         outer = torch.optim.Adam(loop.trainable_parameters(), lr=1e-3)
         inner_batch, outer_batch = split_batch(data)
@@ -79,7 +79,7 @@ def make_step(name: str, model, data: dict):
         def manual_backward(self, loss, *a, **kw):
             loss.backward(*a, **kw)
 
-    loop = Loop(model, heads, entropy, torch.optim.Adam)
+    loop = Loop(model, heads, Entropy(), torch.optim.Adam)
     opt = torch.optim.Adam(loop.trainable_parameters(), lr=1e-3)
 
     def step():

@@ -2,7 +2,7 @@
 
 Everything timed is the library's code path. The merged model comes from
 ``fusion.param.coefficients.coefficient_merge(layer_wise=True, init=0.3)`` (random-init tower, K random task vectors),
-the heads are ``fusion.pools.heads.ZeroShotHeads`` (random), the objective is ``fusion.train.objectives.entropy``
+the heads are ``fusion.pools.heads.ZeroShotHeads`` (random), the objective is ``fusion.train.objectives.Entropy``
 and the optimizer is Adam with lr 1e-3 (the defaults in conf/method/adamerging_layer_wise.yaml). A real
 ``pytorch_lightning.Trainer`` drives ``MergeTraining`` with ``trainer.fit``. Each step builds the merge once, runs a
 forward and backward per task, does one backward through the merge into λ, then steps Adam (see
@@ -52,7 +52,7 @@ from fusion.param.coefficients import coefficient_merge  # noqa: E402
 from fusion.pools.heads import ZeroShotHeads  # noqa: E402
 from fusion.train.datamodule import MultiTaskDataModule  # noqa: E402
 from fusion.train.module import MergeTraining  # noqa: E402
-from fusion.train.objectives import entropy  # noqa: E402
+from fusion.train.objectives import Entropy  # noqa: E402
 from fusion.utils import atomic_write_json  # noqa: E402
 
 TARGET_SECONDS_PER_1000_STEPS = 60.0
@@ -108,7 +108,7 @@ def build(args: argparse.Namespace, device: torch.device) -> Setup:
     tasks = [f"task{i}" for i in range(args.num_tasks)]
     heads = random_heads(tasks, args.num_classes, visual.output_dim, device)
     model = coefficient_merge(base=visual, task_vectors=tv, init=0.3, layer_wise=True)
-    objective = functools.partial(entropy)  # as Hydra builds `_partial_: true`
+    objective = Entropy()  # as Hydra builds conf/method/objective/entropy.yaml
     module = MergeTraining(model, heads, objective, functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.9, 0.999)))
     return Setup(module, device_data(tasks, args.batch_size, args.image_size, device, args.seed))
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusion.app import train  # noqa: E402
-from fusion.report import format_table  # noqa: E402
+from fusion.report.tables import format_table  # noqa: E402
 from fusion.utils import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 DEFAULT = ["simple_average", "task_arithmetic", "ties", "dare", "della", "consensus", "lines", "iso_c", "iso_cts",

@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -72,26 +73,28 @@ def apply(recipe: dict, overrides: dict) -> dict:
 
 
 def merges(pool, taskpool, device):
-    from fusion.evaluate import evaluate
+    """Simple average, and task arithmetic and TIES with λ (and k) tuned on val (:class:`StaticMerge`, the library's
+    static merges): test accuracies and the val grids."""
+    from fusion.evaluate import summarize
     from fusion.merge.combine import simple_average, task_arithmetic
     from fusion.merge.ties import ties
-    from fusion.methods.static import merged_encoder
+    from fusion.methods.base import RunContext
+    from fusion.methods.static import StaticMerge
 
-    tv = pool.task_vectors()
-    pool.heads.to(device)
+    ctx = RunContext(output_dir=Path(tempfile.gettempdir()), device=torch.device(device))
 
-    def acc(delta, split):
-        res = evaluate(merged_encoder(pool, delta).to(device), pool.heads, taskpool, split=split, device=device)
-        return sum(res.values()) / len(res), res
+    def test(method: StaticMerge) -> tuple[dict, dict | None]:
+        outcome = method.run(pool, taskpool, ctx)
+        return summarize(ctx.evaluate(outcome.encoder, pool.heads, taskpool, "test")), outcome.info["tuning"]
 
-    out = {"simple_average": acc(simple_average(tv), "test")[0]}
-    grid = {lam: acc(task_arithmetic(tv, lam), "val")[0] for lam in (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)}
-    best = max(grid, key=grid.get)
-    out["ta_val_grid"], out["ta_best_lam"], out["ta_test"] = grid, best, acc(task_arithmetic(tv, best), "test")
-    tgrid = {(lam, k): acc(ties(tv, k=k, lam=lam), "val")[0] for lam in (0.1, 0.2, 0.3, 0.5, 0.7) for k in (0.1, 0.2)}
-    tb = max(tgrid, key=tgrid.get)
-    out["ties_best"], out["ties_test"] = tb, acc(ties(tv, k=tb[1], lam=tb[0]), "test")[0]
-    return out
+    average, _ = test(StaticMerge(simple_average))
+    ta, ta_tuning = test(StaticMerge(partial(task_arithmetic, lam=0.3), tune={"lam": [0.05, 0.1, 0.15, 0.2, 0.3, 0.5]}))
+    tied, ties_tuning = test(StaticMerge(partial(ties, k=0.2, lam=0.3),
+                                         tune={"lam": [0.1, 0.2, 0.3, 0.5, 0.7], "k": [0.1, 0.2]}))
+    return {"simple_average": average["mean_accuracy"],
+            "ta_val_grid": {s["lam"]: s["mean_accuracy"] for s in ta_tuning["scores"]},
+            "ta_best_lam": ta_tuning["best"]["lam"], "ta_test": (ta["mean_accuracy"], ta["per_task"]),
+            "ties_best": (ties_tuning["best"]["lam"], ties_tuning["best"]["k"]), "ties_test": tied["mean_accuracy"]}
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, sharded: 
     from benchmarks.adamerging_step import setup
     from fusion.param.sharding import average_gradients_
     from fusion.train.module import MergeTraining
-    from fusion.train.objectives import entropy
+    from fusion.train.objectives import Entropy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, sharded: 
             def manual_backward(self, loss, *a, **kw):
                 loss.backward(*a, **kw)
 
-        loop = Loop(model, lambda f, t: f, entropy, torch.optim.Adam)
+        loop = Loop(model, lambda f, t: f, Entropy(), torch.optim.Adam)
         opt = torch.optim.Adam([model.weighting.lambdas], lr=1e-3)
         times = []
         if cuda:

@@ -46,6 +46,7 @@ def main() -> None:
 
     from benchmarks import default_mini8_pool
     from fusion.data.taskpool import mini8_taskpool
+    from fusion.evaluate import summarize
     from fusion.utils import atomic_write_json, configure_threads
 
     configure_threads(args.threads)
@@ -54,7 +55,7 @@ def main() -> None:
     rows = {}
     for lam0 in args.lambdas:
         acc = oracle_accuracy(pool, taskpool, lam0, args.split)
-        rows[str(lam0)] = {"per_task": acc, "mean_accuracy": sum(acc.values()) / len(acc)}
+        rows[str(lam0)] = summarize(acc)
         print(f"λ0 = {lam0}: oracle-routed WEMoE {100 * rows[str(lam0)]['mean_accuracy']:.1f} "
               + " ".join(f"{t} {100 * a:.1f}" for t, a in acc.items()), flush=True)
     atomic_write_json(args.out, {"split": args.split, "pool_hash": pool.manifest.get("pool_hash"),

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,10 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fusion.data.contract import check_task_pool
+from fusion.errors import ConfigError
 from fusion.evaluate import summarize
-from fusion.methods.base import RunContext
-from fusion.report import print_results
+from fusion.methods.base import MergeOutcome, RunContext
+from fusion.pools.contract import check_model_pool
+from fusion.reference import reference_rows
+from fusion.report.merge_files import write_merge_record
+from fusion.report.tables import print_results
 from fusion.train.checkpoint import PeriodicCheckpoint, resume_checkpoint, with_callbacks
+from fusion.train.module import NonFiniteLossError
+from fusion.train.progress import StepProgressBar
 from fusion.utils import atomic_write_json, configure_threads, quiet_third_party, resolve_device
 
 log = logging.getLogger("fusion")
@@ -36,31 +41,9 @@ log = logging.getLogger("fusion")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def reference_rows(pool, taskpool, fingerprint: str, ctx: RunContext) -> dict[str, Any]:
-    """Pretrained (zero-shot) and individual-expert test accuracies of ``pool`` on *this* task pool.
-
-    Measured once per (pool, task-pool fingerprint) and cached under ``<fusion cache>/reference``; the pool
-    manifest's own accuracies are used only when it records the same task-pool fingerprint. Rows are never taken
-    from another dataset that merely shares task names.
-    """
-    from fusion.data.cache import default_cache_dir
-
-    path = default_cache_dir() / "reference" / f"{pool.content_key()}-{fingerprint}.json"
-    measured = pool.manifest.get("accuracy", {})
-    cached = measured.get("test", {}) if measured.get("taskpool_fingerprint") == fingerprint else {}
-    if not cached and path.is_file():
-        cached = json.loads(path.read_text())
-    rows, fresh = {}, {}
-    for name in ("pretrained", "individual"):
-        per_task = cached.get(name, {}).get("per_task", {})
-        if not all(t in per_task for t in pool.tasks):
-            encoder = pool.encoder if name == "pretrained" else {t: pool.expert_encoder(t) for t in pool.tasks}
-            per_task = ctx.evaluate(encoder, pool.heads, taskpool, "test")
-            fresh[name] = summarize(per_task)
-        rows[name] = summarize({t: per_task[t] for t in pool.tasks})
-    if fresh:
-        atomic_write_json(path, {**cached, **fresh, "taskpool": taskpool.name, "taskpool_fingerprint": fingerprint})
-    return rows
+def static_references(cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """``{name: (method, config)}`` of the static merges under ``reference`` in the config (reference rows)."""
+    return {name: (instantiate(conf), plain_config(conf)) for name, conf in (cfg.get("reference") or {}).items()}
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -71,7 +54,7 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def global_rank() -> int:
     """This process's rank: 0 unless Lightning's DDP launcher or SLURM/torchrun started several."""
-    return getattr(rank_zero_only, "rank", 0)
+    return rank_zero_only.rank
 
 
 def leave_process_group() -> int:
@@ -138,19 +121,39 @@ def is_distributed(trainer: DictConfig) -> bool:
 
 
 def trainer_factory(cfg: DictConfig, out: Path, method: str, pool_hash: str):
-    """A Trainer factory: conf/trainer with the periodic checkpoint (and the checkpoint to resume from, validated).
+    """A Trainer factory ``(stage, **Trainer kwargs) -> Trainer``: conf/trainer with the periodic checkpoint of the
+    training stage (also when resuming: it restores the data position and the RNG) and a progress bar that counts
+    the stage's steps.
 
     conf/trainer is instantiated anew for every Trainer: a strategy object (ddp, fsdp) serves one Trainer only, and
     two-phase methods (Concrete AdaMerging) build two.
     """
-    resume = resume_checkpoint(cfg.resume, method, pool_hash) if cfg.get("resume") else None
     every = int(cfg.get("checkpoint_every") or 0)
-    callbacks = [PeriodicCheckpoint(out / "checkpoints", every, method, pool_hash, resume)] if every or resume else []
 
-    def make(**kwargs) -> pl.Trainer:
+    def make(stage: str, **kwargs) -> pl.Trainer:
+        callbacks = [PeriodicCheckpoint(out / "checkpoints", every, method, pool_hash, stage)] \
+            if every or cfg.get("resume") else []
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(StepProgressBar(stage))
         return with_callbacks(instantiate(cfg.trainer), callbacks)(**kwargs)
 
     return make
+
+
+def run_method(method, name: str, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+    """``method.run``; a divergence first leaves its last good parameters (``*.last_good.*``, rank 0), and a
+    ``resume=`` checkpoint that no training stage continued from is an error."""
+    try:
+        outcome = method.run(pool, taskpool, ctx)
+    except NonFiniteLossError as err:
+        if global_rank() == 0:
+            for record in err.records.values():
+                write_merge_record(record, ctx.output_dir, pool.tasks, suffix=".last_good")
+        raise
+    if ctx.resume is not None and not ctx.resumed:
+        raise ConfigError(f"resume: {ctx.resume.path} was written in training stage '{ctx.resume.stage}', which "
+                          f"method '{name}' does not run; resume with the same method")
+    return outcome
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -165,22 +168,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    pool = instantiate(cfg.modelpool).to(device)
+    pool = check_model_pool(instantiate(cfg.modelpool), f"modelpool ({cfg.modelpool.get('_target_')})").to(device)
     taskpool = check_task_pool(instantiate(cfg.taskpool), f"taskpool ({cfg.taskpool.get('_target_')})")
     taskpool = taskpool.select(pool.tasks)
     method = instantiate(cfg.method)
     name = cfg.method.get("name") or method.__class__.__name__
     ctx = RunContext(output_dir=out, seed=int(cfg.seed), trainer=trainer_factory(cfg, out, name, pool.pool_hash),
                      loggers=start_loggers(cfg), eval_batch_size=int(cfg.eval_batch_size), device=device,
-                     distributed=is_distributed(cfg.trainer))
-    outcome = method.run(pool, taskpool, ctx)
+                     distributed=is_distributed(cfg.trainer),
+                     resume=resume_checkpoint(cfg.resume, name, pool.pool_hash) if cfg.get("resume") else None)
+    outcome = run_method(method, name, pool, taskpool, ctx)
     if leave_process_group() != 0:
         return {}
+    for key, record in outcome.records.items():
+        described = write_merge_record(record, out, pool.tasks)
+        if described:
+            outcome.info[key] = described
     merged = summarize(ctx.evaluate(outcome.encoder, pool.heads, taskpool, "test"))
     fingerprint = taskpool.fingerprint()
     results = {
         "method": name, "modelpool": pool.name, "taskpool": taskpool.name, "taskpool_fingerprint": fingerprint,
-        **merged, "reference": reference_rows(pool, taskpool, fingerprint, ctx),
+        **merged, "reference": reference_rows(pool, taskpool, fingerprint, ctx, static_references(cfg)),
         "protocol": outcome.protocol, "seed": int(cfg.seed), "pool_hash": pool.pool_hash, "device": str(device),
         "method_info": outcome.info, "wall_time_s": round(time.time() - start, 2),
         "config": OmegaConf.to_container(cfg, resolve=False),

@@ -1,5 +1,8 @@
 """Errors that describe a user's mistake (a config value, a file, a missing download) rather than a bug.
 
+The layers below the app that may not import this module (``fusion.merge``, ``fusion.param``, the data and pool
+contracts) raise their own types, listed in :func:`user_error_types`.
+
 The ``fusion`` entry point prints such an error as one message and exits with status 2; set ``FUSION_DEBUG=1``
 to see its traceback. Every other exception is a bug and keeps its traceback.
 """
@@ -12,6 +15,10 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value that cannot work on this machine or with this pool; the message names key and fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file a config names (or a run directory must hold) is not there; the message names it and what writes it."""
 
 
 class CorruptFileError(UserError, OSError):
@@ -27,7 +34,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from fusion.data.contract import TaskContractError
     from fusion.data.hf_tasks import DatasetSpecError, DatasetUnavailableError
     from fusion.data.mini8 import Mini8NotBuiltError
-    from fusion.merge.task_vectors import PoolMismatchError
+    from fusion.merge.task_vectors import HyperparameterError, PoolMismatchError
+    from fusion.param.contract import ContractError, NotShardableError
+    from fusion.pools.contract import PoolContractError
 
     return (UserError, TaskContractError, DatasetSpecError, DatasetUnavailableError, Mini8NotBuiltError,
-            PoolMismatchError)
+            PoolMismatchError, HyperparameterError, ContractError, NotShardableError, PoolContractError)

@@ -48,3 +48,28 @@ def evaluate(encoder: Encoder | dict[str, Encoder], heads, taskpool, *, split: s
 def summarize(per_task: dict[str, float]) -> dict:
     """``{"per_task": ..., "mean_accuracy": mean}``."""
     return {"per_task": per_task, "mean_accuracy": sum(per_task.values()) / max(len(per_task), 1)}
+
+
+@torch.no_grad()
+def routing_matrix(model, taskpool, tasks: Sequence[str], split: str = "test", batch_size: int = 256,
+                   max_images: int | None = 512) -> Tensor:
+    """``Tensor[len(tasks), K]``: the mean routing weight per expert of an input-dependent parametrization
+    (:meth:`fusion.param.contract.Parametrization.collect_routing`) over each task's ``split`` images, in eval mode.
+
+    ``max_images``: only the first N images of each task (the splits are stored in a seeded random order, so this
+    is a random sample); a mean over 512 images is exact to ~0.01 and costs a fraction of a full extra pass of the
+    routed model (which runs K+1 MLP products per block). ``None`` reads every image.
+    """
+    device, was_training = next(model.buffers()).device, model.training
+    model.eval()
+    rows = []
+    try:
+        with model.collect_routing() as rec:
+            for task in tasks:
+                rec.clear()
+                for x, _ in iterate_batches(taskpool.dataset(task, split), batch_size, max_images):
+                    model(x.to(device))
+                rows.append(rec.mean())
+    finally:
+        model.train(was_training)
+    return torch.stack(rows)

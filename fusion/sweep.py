@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion.report import aggregate_runs, sweep_bar_chart, sweep_csv, sweep_markdown
+from fusion.report.plots import sweep_bar_chart
+from fusion.report.sweeps import aggregate_runs, sweep_csv, sweep_markdown
 from fusion.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def configurations(methods: Sequence[str], settings: Sequence[Mapping[str, str]]
 
 
 def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Every readable results.json under ``sweep_dir`` as an :func:`fusion.report.aggregate_runs` run."""
+    """Every readable results.json under ``sweep_dir`` as an :func:`fusion.report.sweeps.aggregate_runs` run."""
     found = []
     for path in sorted(sweep_dir.rglob("results.json")):
         try:

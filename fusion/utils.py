@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,10 @@ def configure_threads(num_threads: int | None = None) -> int:
     return n
 
 
-def rank_and_world(group=None) -> tuple[int, int]:
-    """This process's rank and its process group's size; ``(0, 1)`` without a process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-    return 0, 1
+def missing_members(obj: object, names: Sequence[str]) -> list[str]:
+    """The names among ``names`` that ``obj`` does not offer (a method, property or attribute): the boundary check
+    of the declared contracts (task pools, model pools), which name what an object lacks."""
+    return [n for n in names if getattr(type(obj), n, None) is None and n not in getattr(obj, "__dict__", {})]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -103,6 +103,45 @@ def progress(iterable, description: str, total: int | None = None):
     return track(iterable, description=description, total=total, transient=True, console=None)
 
 
+def duration(seconds: float) -> str:
+    """``95`` → ``"1m35s"``, ``3700`` → ``"1h01m"``, ``7.2`` → ``"7s"``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class EtaLog:
+    """Log lines with elapsed time and ETA for a long job made of uneven parts (a data or pool build).
+
+    ``total``: the job's size in any unit (images, optimizer steps); each :meth:`advance` logs what finished, the
+    fraction done and the time left at the average rate so far::
+
+        eta = EtaLog(400 + sum(finetune_steps.values()), "mini8 pool build")
+        ...pretrain...;  eta.advance(400, "pretraining")
+        for task in tasks: ...fine-tune...;  eta.advance(finetune_steps[task], f"expert {task}")
+    """
+
+    def __init__(self, total: float, what: str, logger: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if total <= 0:
+            raise ValueError(f"EtaLog total must be > 0, got {total}")
+        self.total, self.what, self.log, self.clock = float(total), what, logger or log, clock
+        self.done, self.start = 0.0, clock()
+
+    def advance(self, amount: float, finished: str) -> str:
+        """Count ``amount`` more units done (``finished`` names them); logs and returns the line."""
+        self.done = min(self.total, self.done + amount)
+        elapsed = self.clock() - self.start
+        left = elapsed * (self.total - self.done) / self.done if self.done else float("nan")
+        line = (f"{self.what}: {finished} done ({100 * self.done / self.total:.0f}%), elapsed {duration(elapsed)}, "
+                f"ETA {duration(left) if self.done < self.total else '0s'}")
+        self.log.info(line)
+        return line
+
+
 def local_rank() -> int:
     """This process's GPU index on its node: ``LOCAL_RANK`` (Lightning, torchrun) or ``SLURM_LOCALID``, else 0."""
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
@@ -145,6 +184,18 @@ def read_safetensors(path: str | Path, metadata: bool = False):
     except (SafetensorError, OSError, ValueError) as err:
         raise CorruptFileError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); it may be "
                                "truncated by an interrupted download, copy or build: fetch or rebuild it") from err
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``; a file that cannot be read or parsed is a :class:`fusion.errors.CorruptFileError`
+    naming it (``json`` alone names only the line and column)."""
+    from fusion.errors import CorruptFileError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{path}: not a readable JSON file ({type(err).__name__}: {err}); it may be truncated "
+                               "by an interrupted write or copy: fetch or rebuild it") from err
 
 
 class ThirdPartyNoise(logging.Filter):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,10 @@ def test_static_methods_write_results(tiny_dirs, tmp_path, method):
     assert list(res["per_task"]) == ["alpha", "beta", "gamma"]
     assert all(0.0 <= a <= 1.0 for a in res["per_task"].values())
     assert res["mean_accuracy"] == pytest.approx(sum(res["per_task"].values()) / 3)
-    assert set(res["reference"]) == {"pretrained", "individual"}
+    assert set(res["reference"]) == {"pretrained", "individual", "task_arithmetic"}
+    if method == "task_arithmetic":  # the reference row is the same merge, measured (or cached) on its own
+        assert res["reference"]["task_arithmetic"]["per_task"] == res["per_task"]
+        assert res["reference"]["task_arithmetic"]["hyperparameters"] == res["method_info"]["hyperparameters"]
     if method != "simple_average":
         tuning = res["method_info"]["tuning"]
         assert tuning["on"] == "val" and len(tuning["scores"]) > 1
@@ -218,3 +222,50 @@ def test_third_party_noise_filter():
     gpu = record("pytorch_lightning.utilities.rank_zero", "GPU available: False, used: False")
     assert f.filter(gpu) and not f.filter(gpu)                                        # once
     assert f.filter(record("fusion", "results written to x", path="/work/fusion/app.py"))
+
+
+def run_reported(tiny_dirs, tmp_path: Path, method: str, *extra: str):
+    """``train`` wrapped as the ``fusion`` entry point wraps it (user errors → one message, exit status 2)."""
+    from fusion.app import report_user_errors
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=tiny_overrides(tiny_dirs, tmp_path, method) + list(extra))
+    return report_user_errors(train)(cfg)
+
+
+@pytest.mark.parametrize("method, extra, message", [
+    ("ties", ["++method.tune=null", "method.fn.k=0"], "k is the kept fraction and must lie in (0, 1], got 0"),
+    ("wemoe", ["method.model.depth=3"], "router depth must be 0"),
+    ("adamerging_layer_wise", ["method.tv_dtype=int8"], "method.tv_dtype must be a floating torch dtype name"),
+    ("adamerging_layer_wise", ["method.steps=0"], "method.steps must be ≥ 1, got 0"),
+])
+def test_a_user_error_is_one_message_and_exit_status_2(tiny_dirs, tmp_path, capsys, monkeypatch, method, extra,
+                                                       message):
+    monkeypatch.delenv("FUSION_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run_reported(tiny_dirs, tmp_path, method, *extra)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("fusion: error: ") and message in err, err
+    assert "Traceback" not in err and err.count("\n") == 2  # the message and the FUSION_DEBUG hint
+    monkeypatch.setenv("FUSION_DEBUG", "1")  # the debug flag keeps the exception (and its traceback)
+    with pytest.raises(Exception, match=re.escape(message)):
+        run_reported(tiny_dirs, tmp_path, method, *extra)
+
+
+def test_a_bug_keeps_its_traceback(tiny_dirs, tmp_path, monkeypatch):
+    from fusion.methods.static import StaticMerge
+
+    def broken(self, *args):
+        raise ZeroDivisionError("a bug in a merge")
+
+    monkeypatch.setattr(StaticMerge, "run", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug in a merge"):
+        run_reported(tiny_dirs, tmp_path, "ties")
+
+
+def test_a_resume_from_another_method_is_a_user_error(tiny_dirs, tmp_path, capsys):
+    run_app(tiny_dirs, tmp_path / "first", "adamerging_layer_wise", "method.steps=2", "checkpoint_every=2")
+    with pytest.raises(SystemExit):
+        run_reported(tiny_dirs, tmp_path / "second", "adamerging_task_wise", f"resume={tmp_path / 'first'}")
+    err = capsys.readouterr().err
+    assert "method 'adamerging_layer_wise' in the checkpoint vs 'adamerging_task_wise'" in err and "Traceback" not in err

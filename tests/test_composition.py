@@ -2,8 +2,6 @@
 called by hand (one mechanism: init / preprocess / postprocess groups)."""
 from __future__ import annotations
 
-import functools
-import json
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from fusion.merge.lines import lines_scale
 from fusion.merge.sparsify import dare_drop
 from fusion.merge.ties import ties
 from fusion.methods.base import RunContext
+from fusion.methods.learned import initial_value
 from tests.test_app import CONF, run_app
 
 
@@ -55,13 +54,13 @@ def test_preprocess_and_init_composition(tiny_pool, tiny_taskpool, tmp_path):
     cfg = compose_method("method=adamerging_layer_wise", "method/preprocess=dare", "method/init=task_arithmetic",
                          "method.init.tune.lam=[0.1,0.9]")
     method = instantiate(cfg)
-    init, tuning = method.initial_value(tiny_pool, tiny_taskpool, RunContext(output_dir=tmp_path))
+    init, tuning = initial_value(method.init, tiny_pool, tiny_taskpool, RunContext(output_dir=tmp_path))
     assert tuning["on"] == "val" and init == tuning["best"]["lam"] and init in (0.1, 0.9)
     model = method.build_model(tiny_pool, init, RunContext(output_dir=tmp_path))
     expected = dare_drop(tiny_pool.task_vectors(), p=0.5, seed=0)
     for name, t in model.task_vectors().items():
         assert torch.equal(t, expected[name])
-    assert torch.allclose(model.weighting.values(), torch.full_like(model.weighting.values(), init))
+    assert torch.allclose(model.weighting.coefficients(), torch.full_like(model.weighting.coefficients(), init))
     # the learned model at its initial point is exactly θ0 + init · Σ dare(τ)
     merged = model.merge_and_unload().state_dict()
     theta0 = tiny_pool.pretrained_state()

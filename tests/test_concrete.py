@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 from fusion.merge.masks import apply_mask, concrete_sample, mask_task_vectors, pack_bits, unpack_bits
 from fusion.merge.task_vectors import stack_task_vectors
 from fusion.param.coefficients import coefficient_merge
-from fusion.param.concrete import NonFiniteLogitsError, concrete_merge, load_mask, save_mask
+from fusion.param.concrete import NonFiniteLogitsError, concrete_merge
+from fusion.report.merge_files import read_mask, write_merge_record, write_mask
 from fusion.train.bilevel import BilevelTraining, split_batch
-from fusion.train.objectives import entropy
+from fusion.train.objectives import Entropy
+from tests.helpers import K, TinyHeads, batches, experts_of, tiny_encoder
+from tests.helpers import BilevelHarness as _BilevelHarness
+from tests.helpers import Harness as _Harness
 from tests.test_app import run_app
-from tests.test_contract import K, TinyHeads, _Harness, batches, experts_of, tiny_encoder
 
-
-class _BilevelHarness(BilevelTraining):
-    manual_backward = _Harness.manual_backward
+entropy = Entropy()
 
 
 def build(learn_coefficients=False, **kwargs):
@@ -236,7 +237,7 @@ def test_split_batch_halves():
 def test_saved_mask_reloads_to_the_same_merged_model(tmp_path, eval_mask, encoding):
     model, tv = build(eval_mask=eval_mask)
     randomize_logits_(model)
-    info = model.artifacts(tmp_path) if eval_mask == "hard" else model.weighting.save_artifacts(tmp_path)
+    info = write_merge_record(model.record(), tmp_path, [f"t{i}" for i in range(K)])
     path = tmp_path / info["file"]
     assert info["eval_mask"] == eval_mask and (tmp_path / info["plot"]).stat().st_size > 1000
     with safe_open(str(path), framework="pt") as f:
@@ -244,7 +245,7 @@ def test_saved_mask_reloads_to_the_same_merged_model(tmp_path, eval_mask, encodi
         if encoding == "packbits":
             assert f.get_tensor("0.weight").dtype == torch.uint8
             assert f.get_tensor("0.weight").numel() == math.ceil(tv["0.weight"][0].numel() / 8)
-    mask = load_mask(path, tv)
+    mask = read_mask(path, tv)
     reloaded = coefficient_merge(tiny_encoder(), mask_task_vectors(tv, mask), init=0.3, layer_wise=False)
     x = torch.randn(5, 6)
     assert torch.allclose(reloaded.merge_and_unload()(x), model.merge_and_unload()(x), atol=1e-6)
@@ -275,18 +276,21 @@ def test_bad_inputs(tmp_path):
 
     masks = {n: torch.ones(t.shape[1:]) for n, t in tv.items()}
     masks["3.weight"] = torch.ones(4, 8)
-    save_mask(tmp_path / "bad.safetensors", masks)
+    write_mask(tmp_path / "bad.safetensors", masks)
     with pytest.raises(ValueError, match=r"'3.weight' has shape \(4, 8\) but the pool's parameter has shape \(5, 8\)"):
-        load_mask(tmp_path / "bad.safetensors", tv)
-    save_mask(tmp_path / "short.safetensors", {n: m for n, m in masks.items() if n != "0.bias"})
+        read_mask(tmp_path / "bad.safetensors", tv)
+    write_mask(tmp_path / "short.safetensors", {n: m for n, m in masks.items() if n != "0.bias"})
     with pytest.raises(ValueError, match="0.bias"):
-        load_mask(tmp_path / "short.safetensors", tv)
-    with pytest.raises(FileNotFoundError):
-        load_mask(tmp_path / "none.safetensors", tv)
+        read_mask(tmp_path / "short.safetensors", tv)
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):
+        read_mask(tmp_path / "none.safetensors", tv)
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "bad.safetensors").read_bytes()[:40])
+    with pytest.raises(OSError, match="cut.safetensors: not a readable safetensors file"):
+        read_mask(tmp_path / "cut.safetensors", tv)
 
-    with pytest.raises(ValueError, match="learnable inner coefficients"):
+    with pytest.raises(ValueError, match="learnable inner variables"):
         BilevelTraining(build()[0], tasks_heads(), entropy, torch.optim.Adam, torch.optim.Adam)
-    with pytest.raises(ValueError, match="batch_size to 2"):
+    with pytest.raises(ValueError, match="inner and an outer half"):
         split_batch({"t0": (torch.randn(1, 6), None)})
 
 
@@ -307,13 +311,14 @@ def test_concrete_task_arithmetic_end_to_end(tiny_dirs, tiny_pool, tmp_path):
 
 
 def test_concrete_adamerging_end_to_end(tiny_dirs, tiny_pool, tiny_taskpool, tmp_path):
-    res = run_app(tiny_dirs, tmp_path, "concrete_adamerging_layer_wise", "method.meta_steps=2",
-                  "method.adamerging.steps=2", "method.data.batch_size=8", "method.adamerging.data.batch_size=4")
+    res = run_app(tiny_dirs, tmp_path, "concrete_adamerging_layer_wise", "method.phase1.steps=2",
+                  "method.phase2.steps=2", "method.data.batch_size=4")
     assert res["method"] == "concrete_adamerging_layer_wise"
     assert res["protocol"].startswith("Concrete mask meta-learned for 2 bi-level steps, then AdaMerging over the "
                                       "masked task vectors for 2 steps; entropy minimisation on unlabeled test images")
     info = res["method_info"]
-    assert info["mask"]["eval_mask"] == "continuous" and info["meta"]["meta_steps"] == 2 and info["steps"] == 2
+    assert info["mask"]["eval_mask"] == "continuous" and info["meta"]["steps"] == 2 and info["steps"] == 2
+    assert info["meta"]["persistent_inner_optimizer"] is False and "mask_expected_kept" in info["meta"]
     for name in ("mask.safetensors", "mask_kept_fraction.png", "mask_logits.safetensors", "coefficients.json",
                  "merge_parameters.safetensors"):
         assert (tmp_path / name).is_file(), name
@@ -324,16 +329,16 @@ def test_concrete_adamerging_end_to_end(tiny_dirs, tiny_pool, tiny_taskpool, tmp
     tv = tiny_pool.task_vectors()
     lam = torch.tensor(json.loads((tmp_path / "coefficients.json").read_text())["lambdas"])
     assert lam.shape == (3, len(tv)) and not torch.allclose(lam, torch.full_like(lam, 0.3))
-    rebuilt = coefficient_merge(tiny_pool.encoder, mask_task_vectors(tv, load_mask(tmp_path / "mask.safetensors", tv)),
+    rebuilt = coefficient_merge(tiny_pool.encoder, mask_task_vectors(tv, read_mask(tmp_path / "mask.safetensors", tv)),
                                 init=0.3, layer_wise=True)
     with torch.no_grad():
         rebuilt.weighting.lambdas.copy_(lam)
     acc = evaluate(rebuilt.merge_and_unload(), tiny_pool.heads, tiny_taskpool, split="test")
     assert acc == pytest.approx(res["per_task"])
     # phase 2 alone from the saved mask (phase 1 skipped) learns the same λ: the same evaluated model
-    again = run_app(tiny_dirs, tmp_path / "from_mask", "concrete_adamerging_layer_wise", "method.meta_steps=0",
-                    f"method.mask_checkpoint={tmp_path / 'mask.safetensors'}", "method.adamerging.steps=2",
-                    "method.adamerging.data.batch_size=4")
+    again = run_app(tiny_dirs, tmp_path / "from_mask", "concrete_adamerging_layer_wise", "method.phase1.steps=0",
+                    f"method.mask_checkpoint={tmp_path / 'mask.safetensors'}", "method.phase2.steps=2",
+                    "method.data.batch_size=4")
     assert again["per_task"] == res["per_task"] and again["protocol"].startswith("Concrete mask loaded from")
     lam_again = json.loads((tmp_path / "from_mask" / "coefficients.json").read_text())["lambdas"]
     assert torch.equal(torch.tensor(lam_again), lam)

@@ -1,313 +1,232 @@
-"""The contract every merge parametrization honours (STYLE.md habit 4), run for each one.
+"""The contract every merge parametrization honours (STYLE.md habits 4 and 10), run over EVERY learned config.
 
-Static parametrizations: ``merge_and_unload()`` equals the wrapped model; gradients through the functional
-merge equal an independent computation; the per-task backward of the loop equals one summed backward;
-a few entropy steps lower the entropy. Later methods add themselves to PARAMETRIZATIONS.
+Each ``conf/method/*.yaml`` is composed and instantiated as the ``fusion`` CLI does it (Hydra compose + instantiate);
+those that train (:class:`fusion.methods.learned.LearnedMethod`) give their training stages, and each stage builds
+its parametrization on the tiny pool with the runner's own ``build_model``. The checks:
+
+- it is a :class:`fusion.param.contract.Parametrization` with trainable parameters (``check_parametrization``);
+- static result: ``merge_and_unload()`` is a plain frozen module whose outputs equal the wrapped model's (and differ
+  from the pretrained model's); input-dependent (routers): ``merge_and_unload`` refuses and ``export()`` is the model
+  itself in eval mode;
+- gradients of the loop's per-task backward reach every trainable parameter, finite, not all zero;
+- ``record()`` round-trips: what the report writes rebuilds a model with the same outputs;
+- sharding is declared (single rank: the sharded merge equals the unsharded one) or refused with NotShardableError.
+
+The last tests build deliberately broken parametrizations through the same Hydra path and show the suite rejects them.
 """
 from __future__ import annotations
 
-import functools
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch import nn
 
-from fusion.merge.task_vectors import stack_task_vectors
-from fusion.merge.ties import ties, ties_disjoint
-from fusion.param.coefficients import layer_wise, task_wise
-from fusion.param.merged import MergedEncoder
-from fusion.train.module import MergeTraining
-from fusion.train.objectives import entropy
+from fusion.methods.base import RunContext
+from fusion.methods.learned import LearnedMethod
+from fusion.param.coefficients import coefficient_merge
+from fusion.param.contract import InputDependentError, NotShardableError, Parametrization, check_parametrization
+from fusion.report.merge_files import read_mask, read_routed, write_merge_record
+from fusion.train.objectives import Entropy
+from fusion.utils import read_safetensors
+from tests.helpers import Harness
 
-K = 3
-
-
-def tiny_encoder(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 5))
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def experts_of(base: nn.Module, k: int = K, scale: float = 0.3) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [{n: p.detach() + scale * torch.randn(p.shape, generator=gen) for n, p in base.state_dict().items()}
-            for _ in range(k)]
+def compose_method(name: str, *overrides: str):
+    """``cfg.method`` of ``fusion method=<name> <overrides>``, instantiated as the app does."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={name}", *overrides])
+    return instantiate(cfg.method)
 
 
-class TinyHeads(nn.Module):
-    """Per-task linear heads over 5-d features (frozen)."""
-
-    def __init__(self, tasks):
-        super().__init__()
-        torch.manual_seed(3)
-        self.w = nn.ParameterDict({t: nn.Parameter(torch.randn(4, 5), requires_grad=False) for t in tasks})
-
-    def forward(self, features, task):
-        return features @ self.w[task].T
+def learned_stages() -> list[tuple[str, int]]:
+    """``(config, stage index)`` for every stage of every learned config in conf/method/ (globbed, not listed)."""
+    found = []
+    for path in sorted(CONF.glob("method/*.yaml")):
+        method = compose_method(path.stem)
+        if isinstance(method, LearnedMethod):
+            found += [(path.stem, i) for i in range(len(method.stages()))]
+    return found
 
 
-PARAMETRIZATIONS = {
-    "task_wise": (task_wise, None, {}),
-    "layer_wise": (layer_wise, None, {}),
-    "layer_wise_clamped": (layer_wise, None, {"clamp": (0.0, 1.0)}),
-    "adamerging_pp": (layer_wise, functools.partial(ties_disjoint, k=0.5), {}),
-}
+STAGES = learned_stages()
 
 
-def build(name: str, init=0.3, k: int = K):
-    factory, preprocess, kwargs = PARAMETRIZATIONS[name]
-    base = tiny_encoder()
-    tv = stack_task_vectors(base.state_dict(), experts_of(base, k))
-    if preprocess:
-        tv = preprocess(tv)
-    weighting = factory(num_tasks=k, num_tensors=len(tv), init=init, **kwargs)
-    return MergedEncoder(base, tv, weighting), tv
-
-
-def batches(k: int = K, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return {f"t{i}": (torch.randn(8, 6, generator=gen), None) for i in range(k)}
-
-
-@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
-def test_merge_and_unload_equals_wrapped(name):
-    model, _ = build(name)
+def build(config: str, stage: int, pool, *overrides: str, perturb: bool = True) -> nn.Module:
+    """The parametrization of ``stage``, built by the runner on ``pool``; ``perturb``: its trainable parameters moved
+    off their initial values (seeded), so that no check passes at a trivial point."""
+    runner = compose_method(config, *overrides).stages()[stage]
+    model = runner.build_model(pool, 0.3, RunContext(output_dir=Path(".")))
+    if not perturb:
+        return model
+    gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        model.weighting.lambdas.add_(torch.rand_like(model.weighting.lambdas) * 0.2)
-    x = torch.randn(5, 6)
-    plain = model.merge_and_unload()
-    assert isinstance(plain, nn.Sequential) and not any(p.requires_grad for p in plain.parameters())
-    assert torch.allclose(plain(x), model(x), atol=1e-6)
-    assert not torch.allclose(plain(x), model.base(x), atol=1e-3)  # differs from the pretrained model
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model
 
 
-@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
-def test_functional_merge_equals_in_place_merge(name):
-    model, tv = build(name)
-    lam = model.weighting.values().detach()
-    manual = tiny_encoder()
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the checks (each raises AssertionError naming what broke) ---------------------------------------------------
+
+def check_declared(model) -> None:
+    check_parametrization(model, "test")
+    assert isinstance(model, Parametrization), "not a Parametrization"
+    assert isinstance(model.input_dependent, bool)
+
+
+def check_result(model, pool) -> None:
+    """Static: ``merge_and_unload`` equals the wrapped model; routers: refuse and export themselves."""
+    x = images()
     with torch.no_grad():
-        for l, (n, p) in enumerate(manual.named_parameters()):
-            c = lam if lam.dim() == 1 else lam[:, l]
-            p.add_(sum(c[k] * tv[n][k] for k in range(K)))
-    x = torch.randn(5, 6)
-    assert torch.allclose(model(x), manual(x), atol=1e-6)
+        if model.input_dependent:
+            with pytest.raises(InputDependentError):
+                model.merge_and_unload()
+            exported = model.export()
+            assert exported is model and not model.training, "a router exports itself in eval mode"
+            return
+        plain = model.merge_and_unload()
+        model.eval()
+        assert not isinstance(plain, Parametrization) and not any(p.requires_grad for p in plain.parameters())
+        assert torch.allclose(plain(x), model(x), atol=1e-5), "merge_and_unload differs from the wrapped model"
+        assert not torch.allclose(plain(x), pool.encoder(x), atol=1e-4), "the merge is the pretrained model"
 
 
-def test_single_expert_lambda_one_reproduces_expert():
-    base = tiny_encoder()
-    expert = experts_of(base, 1)[0]
-    model = MergedEncoder(base, stack_task_vectors(base.state_dict(), [expert]), layer_wise(1, 6, init=1.0))
-    reference = tiny_encoder()
-    reference.load_state_dict(expert)
-    x = torch.randn(5, 6)
-    assert torch.allclose(model(x), reference(x), atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["task_wise", "layer_wise", "adamerging_pp"])
-def test_coefficient_gradient_is_inner_product_with_task_vector(name):
-    model, tv = build(name)
-    x = torch.randn(8, 6)
-    state = model.prepare()
-    loss = entropy(model(x, state))
-    grads = torch.autograd.grad(loss, [model.weighting.lambdas, *state.values()])
-    dlam, dtheta = grads[0], dict(zip(state, grads[1:]))
-    expected = torch.stack([torch.stack([(dtheta[n] * tv[n][k]).sum() for n in model.names]) for k in range(K)])
-    if dlam.dim() == 1:
-        expected = expected.sum(1)
-    assert torch.allclose(dlam, expected, atol=1e-6)
-    assert dlam.abs().sum() > 0
-
-
-class _Harness(MergeTraining):
-    """MergeTraining with manual_backward = plain backward (no Trainer attached)."""
-
-    def manual_backward(self, loss, *args, **kwargs):
-        loss.backward(*args, **kwargs)
-
-
-@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
-def test_per_task_backward_equals_summed_loss(name):
-    model, _ = build(name)
-    heads = TinyHeads([f"t{i}" for i in range(K)])
-    batch = batches()
-    loop = _Harness(model, heads, entropy, torch.optim.Adam)
-    loop.task_losses(batch)
-    per_task = model.weighting.lambdas.grad.clone()
-    model.weighting.lambdas.grad = None
-    total = sum(entropy(heads(model(x), t)) for t, (x, _) in batch.items())
-    total.backward()
-    assert torch.allclose(per_task, model.weighting.lambdas.grad, atol=1e-6)
-
-
-def test_non_finite_loss_or_gradient_is_caught_once_per_step_naming_the_task():
-    from fusion.train.module import NonFiniteLossError
-
-    model, _ = build("layer_wise")
-    heads = TinyHeads([f"t{i}" for i in range(K)])
-    batch = batches()
-    loop = _Harness(model, heads, entropy, torch.optim.Adam)
-    losses = loop.task_losses(batch)
-    loop.check_finite(losses)  # finite: passes
-    bad = {**losses, "t1": torch.tensor(float("nan"))}
-    with pytest.raises(NonFiniteLossError, match="on task 't1'"):
-        loop.check_finite(bad)
-    model.weighting.lambdas.grad[0, 0] = float("inf")
-    with pytest.raises(NonFiniteLossError, match="non-finite gradient"):
-        loop.check_finite(losses)
-
-
-@pytest.mark.parametrize("name", list(PARAMETRIZATIONS))
-def test_entropy_steps_lower_entropy_and_move_coefficients(name):
-    model, _ = build(name)
-    heads = TinyHeads([f"t{i}" for i in range(K)])
-    batch = batches()
-    loop = _Harness(model, heads, entropy, torch.optim.Adam)
-    opt = torch.optim.Adam([model.weighting.lambdas], lr=0.05)
-    before = model.weighting.lambdas.detach().clone()
-    first = None
-    for _ in range(15):
-        opt.zero_grad()
-        losses = loop.task_losses(batch)
-        first = first if first is not None else float(sum(losses.values()))
-        opt.step()
-    last = float(sum(loop.task_losses(batch).values()))
-    assert last < first - 1e-3
-    assert not torch.allclose(before, model.weighting.lambdas.detach())
-    if PARAMETRIZATIONS[name][2].get("clamp"):
-        values = model.weighting.values()
-        assert values.min() >= 0.0 and values.max() <= 1.0
-
-
-def test_adamerging_pp_preprocessing_is_the_ties_function():
-    base = tiny_encoder()
-    tv = stack_task_vectors(base.state_dict(), experts_of(base))
-    processed = ties_disjoint(tv, k=0.5)
-    # λ Σ_k of the processed vectors is exactly TIES' sum-merge
-    merged = ties(tv, k=0.5, lam=0.4, aggregate="sum")
-    for n in tv:
-        assert torch.allclose(0.4 * processed[n].sum(0), merged[n])
-    model, _ = build("adamerging_pp", init=0.4)
-    for n, t in model.task_vectors().items():
-        assert torch.equal(t, processed[n])
-    assert any(not torch.equal(processed[n], tv[n]) for n in tv)
-
-
-# ---- sharded task vectors (trainer=fsdp; two real ranks: tests/test_operations.py) ---------------------------------
-
-@pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_shard_layout_chunks_reassemble_every_tensor(world):
-    from fusion.param.sharding import ShardLayout
-
-    _, tv = build("layer_wise")
-    layouts = [ShardLayout.of(tv, rank, world) for rank in range(world)]
-    rows = torch.stack([layout.shard(tv) for layout in layouts], dim=1)  # [K, world, width]
-    expected_width = sum(-(-t[0].numel() // world) for t in tv.values())  # padded: 8 biases over 3 ranks = 3+3+2(+1)
-    assert rows.shape == (K, world, expected_width)
-    for k in range(K):
-        full = layouts[0].assemble(rows[k])
-        assert all(torch.equal(full[n], tv[n][k]) for n in tv)
-    if world > 1:  # each rank holds a different part
-        assert not torch.equal(rows[:, 0], rows[:, 1])
-
-
-def concrete_model():
-    from fusion.param.concrete import concrete_merge
-
-    base = tiny_encoder()
-    tv = stack_task_vectors(base.state_dict(), experts_of(base))
-    return concrete_merge(base, tv, learn_coefficients="layer_wise")
-
-
-@pytest.mark.parametrize("name", ["layer_wise", "adamerging_pp", "concrete"])
-def test_sharded_merge_on_one_rank_equals_the_unsharded_merge(name):
-    models = [concrete_model() if name == "concrete" else build(name)[0] for _ in range(2)]
-    info = models[1].shard_task_vectors()
-    assert models[1].sharding_info() == info and info["world_size"] == 1
-    assert info["task_vector_numel_per_rank"] == info["task_vector_numel_unsharded"]
-    assert not hasattr(models[1], "tv_0") and models[1].tv_shard.shape[0] == K
-    with pytest.raises(RuntimeError, match="sharded"):
-        models[1].task_vectors()
-    heads, batch, grads = TinyHeads([f"t{i}" for i in range(K)]), batches(), []
-    for model in models:
-        torch.manual_seed(7)  # the same Concrete sample in both
-        _Harness(model, heads, entropy, torch.optim.Adam).task_losses(batch)
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and any(g.abs().sum() > 0 for g in grads[0])
-    x = torch.randn(5, 6)
-    assert torch.allclose(models[0].merge_and_unload()(x), models[1].merge_and_unload()(x), atol=1e-6)
-
-
-def _two_rank_worker(rank: int, port: int, name: str, out: str) -> None:
-    """Rank ``rank`` of 2 (gloo): the sharded merge's gradient on its half of the data, and the unsharded mean."""
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def check_gradients(model, pool) -> None:
+    """One per-task forward/backward of the loop: every trainable parameter gets a finite gradient, not all zero."""
+    model.train()
+    batch = {t: (images(4, seed=i), None) for i, t in enumerate(pool.tasks)}
     try:
-        heads, halves = TinyHeads([f"t{i}" for i in range(K)]), [batches(seed=s) for s in (0, 1)]
-        models = [concrete_model() if name == "concrete" else build(name)[0] for _ in range(2)]
-        with torch.no_grad():  # away from the initial values (mask logits 0, λ 0.3)
-            for p in (p for m in models for p in m.parameters() if p.requires_grad):
-                p.add_(torch.linspace(-0.2, 0.2, p.numel()).view_as(p))
-        sharded, reference = models
-        info = sharded.shard_task_vectors()
-        torch.manual_seed(7)
-        _Harness(sharded, heads, entropy, torch.optim.SGD).task_losses(halves[rank])
-        for half in halves:  # DDP's gradient: the mean of the two ranks' gradients (same mask sample)
-            torch.manual_seed(7)
-            _Harness(reference, heads, entropy, torch.optim.SGD).task_losses(half)
-        trainable = [[p for p in m.parameters() if p.requires_grad] for m in models]
-        torch.save({"sharded": [p.grad for p in trainable[0]], "mean": [p.grad / 2 for p in trainable[1]],
-                    "info": info, "local": sharded.tv_shard.clone()}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        Harness(model, pool.heads, Entropy(), torch.optim.Adam).task_losses(batch)
+    except RuntimeError as err:  # autograd: the loss does not depend on anything that requires a gradient
+        raise AssertionError(f"no gradient reaches the trainable parameters ({err})") from err
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert not missing, f"no gradient reaches {missing[:3]}"
+    assert all(torch.isfinite(p.grad).all() for p in trainable.values())
+    assert sum(float(p.grad.abs().sum()) for p in trainable.values()) > 0, "every gradient is zero"
 
 
-@pytest.mark.parametrize("name", ["layer_wise", "concrete"])
-def test_sharded_gradients_on_two_ranks_equal_the_mean_gradient(name, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(port, name, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    for r in ranks:
-        assert len(r["sharded"]) == len(r["mean"]) > 0
-        for sharded, mean in zip(r["sharded"], r["mean"]):
-            assert torch.allclose(sharded, mean, atol=1e-6), (sharded - mean).abs().max()
-        assert any(g.abs().sum() > 1e-4 for g in r["mean"])
-    _, tv = build("layer_wise")
-    half, full = (K * sum(f(t[0].numel()) for t in tv.values()) for f in (lambda n: -(-n // 2), lambda n: n))
-    assert [r["info"]["task_vector_numel_per_rank"] for r in ranks] == [half, half] and half < full
-    assert not torch.equal(ranks[0]["local"], ranks[1]["local"])  # each rank holds its own half
-
-
-def test_fsdp_refuses_merges_that_are_not_elementwise(tiny_pool):
-    from fusion.param.concrete import ConcreteMask, ConcreteMergedEncoder
-    from fusion.param.merged import NotShardableError
-    from fusion.param.routed import wemoe
-    from fusion.train.strategies import shard_merge
-
-    routed = _Harness(wemoe(tiny_pool.encoder, tiny_pool.task_vectors()), tiny_pool.heads, entropy, torch.optim.Adam)
-    with pytest.raises(NotShardableError, match="RoutedEncoder .*use trainer=ddp"):
-        shard_merge(routed)
-    base = tiny_encoder()
-    tv = stack_task_vectors(base.state_dict(), experts_of(base))
-    mask = ConcreteMask(task_wise(K, len(tv)), {n: t.shape[1:] for n, t in tv.items()}, factorized=False)
-    with pytest.raises(NotShardableError, match="factorized"):
-        ConcreteMergedEncoder(base, tv, mask).shard_task_vectors()
+def check_record(model, config: str, stage: int, pool, tmp_path: Path, *overrides: str) -> None:
+    """The files the report writes from ``record()`` rebuild a model whose outputs equal this one's."""
+    record = model.record()
+    write_merge_record(record, tmp_path, pool.tasks)
+    x = images()
+    with torch.no_grad():
+        want = model.eval()(x)
+        if model.input_dependent:
+            rebuilt = read_routed(tmp_path / "routed_model", pool.encoder, pool.task_vectors())
+        else:
+            rebuilt = build(config, stage, pool, *overrides, perturb=False)
+            saved = read_safetensors(tmp_path / "merge_parameters.safetensors")
+            trainable = {n for n, p in rebuilt.named_parameters() if p.requires_grad}
+            assert set(saved) == trainable, "merge_parameters.safetensors does not hold the trainable tensors"
+            rebuilt.load_state_dict(saved, strict=False)
+        assert torch.allclose(rebuilt.eval()(x), want, atol=1e-5), "the written record does not rebuild the model"
+    if record.coefficients is not None:
+        saved = json.loads((tmp_path / "coefficients.json").read_text())
+        assert torch.equal(torch.tensor(saved["lambdas"]), record.coefficients.float())
+    if record.mask is not None:
+        loaded = read_mask(tmp_path / "mask.safetensors", pool.task_vectors())
+        assert all(torch.equal(loaded[n], record.mask[n].float()) for n in record.mask)
 
 
-def test_bad_inputs():
-    base = tiny_encoder()
-    tv = stack_task_vectors(base.state_dict(), experts_of(base))
-    with pytest.raises(ValueError, match="one value per task"):
-        layer_wise(num_tasks=3, num_tensors=4, init=[0.1, 0.2])
-    with pytest.raises(KeyError, match="not parameters of the base encoder"):
-        MergedEncoder(base, {"nope.weight": tv["0.weight"]}, task_wise(3, 1))
+def check_sharding(model) -> None:
+    """Sharding is declared (one rank: the merge is unchanged) or refused with NotShardableError, nothing else."""
+    x = images()
+    with torch.no_grad():
+        before = model.eval()(x)
+        try:
+            info = model.shard_task_vectors()
+        except NotShardableError:
+            assert model.sharding_info() is None
+            return
+        assert model.sharding_info() == info and info["world_size"] == 1
+        assert torch.allclose(model(x), before, atol=1e-5), "the sharded merge differs from the unsharded one"
+
+
+# ---- the suite over every learned config -------------------------------------------------------------------------
+
+def test_the_suite_covers_every_kind_of_learned_config():
+    configs = {c for c, _ in STAGES}
+    assert {"adamerging_layer_wise", "concrete_task_arithmetic", "concrete_adamerging_task_wise", "wemoe",
+            "sparse_wemoe", "smear"} <= configs
+    assert ("concrete_adamerging_layer_wise", 1) in STAGES  # both phases of a two-phase method
+
+
+@pytest.mark.parametrize("config, stage", STAGES)
+def test_contract(config, stage, tiny_pool, tmp_path):
+    check_declared(build(config, stage, tiny_pool))
+    check_result(build(config, stage, tiny_pool), tiny_pool)
+    check_gradients(build(config, stage, tiny_pool), tiny_pool)
+    check_record(build(config, stage, tiny_pool), config, stage, tiny_pool, tmp_path)
+    check_sharding(build(config, stage, tiny_pool))
+
+
+# ---- the suite can fail ------------------------------------------------------------------------------------------
+
+def stale_merge(base, task_vectors, init=0.3, layer_wise=True, clamp=None):
+    """Broken: ``merge_and_unload`` returns the merge at the initial λ, whatever was learned."""
+    model = coefficient_merge(base, task_vectors, init, layer_wise, clamp)
+    initial = model.merge_and_unload()
+    model.merge_and_unload = lambda: initial
+    return model
+
+
+def detached_merge(base, task_vectors, init=0.3, layer_wise=True, clamp=None):
+    """Broken: the forward uses a detached copy of the merge, so no gradient reaches λ."""
+    model = coefficient_merge(base, task_vectors, init, layer_wise, clamp)
+    prepare = model.prepare
+    model.prepare = lambda: {n: t.detach() for n, t in prepare().items()}
+    return model
+
+
+def forgetful_merge(base, task_vectors, init=0.3, layer_wise=True, clamp=None):
+    """Broken: ``record()`` reports the coefficients at their initial value, not the learned ones."""
+    model = coefficient_merge(base, task_vectors, init, layer_wise, clamp)
+    record = model.record
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def stale_record():
+        r = record()
+        r.trainable = initial
+        return r
+
+    model.record = stale_record
+    return model
+
+
+@pytest.mark.parametrize("factory, check, message", [
+    ("stale_merge", "result", "merge_and_unload differs"),
+    ("detached_merge", "gradients", "no gradient reaches"),
+    ("forgetful_merge", "record", "does not rebuild the model"),
+])
+def test_the_suite_rejects_a_broken_parametrization(factory, check, message, tiny_pool, tmp_path):
+    broken = [f"method.model._target_=tests.test_contract.{factory}"]
+    model = build("adamerging_layer_wise", 0, tiny_pool, *broken)
+    checks = {"result": lambda: check_result(model, tiny_pool),
+              "gradients": lambda: check_gradients(model, tiny_pool),
+              "record": lambda: check_record(model, "adamerging_layer_wise", 0, tiny_pool, tmp_path, *broken)}
+    with pytest.raises(AssertionError, match=message):
+        checks[check]()
+    check_result(build("adamerging_layer_wise", 0, tiny_pool), tiny_pool)  # the sound one passes
+
+
+def test_an_object_without_the_contract_is_refused_at_the_runner(tiny_pool):
+    from fusion.param.contract import ContractError
+
+    with pytest.raises(ContractError, match="'adamerging_layer_wise'.*Linear is not a merge parametrization"):
+        build("adamerging_layer_wise", 0, tiny_pool, "method.model._target_=tests.test_contract.not_a_merge")
+
+
+def not_a_merge(base, task_vectors, init=0.3, layer_wise=True, clamp=None):
+    return nn.Linear(2, 2)

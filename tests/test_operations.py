@@ -149,7 +149,7 @@ def test_fsdp_two_ranks_hold_half_the_task_vectors_and_learn_what_ddp_learns(tin
 
 def test_fsdp_runs_concrete_adamerging_both_phases_sharded(tiny_dirs, tmp_path):
     """Two Trainers in one run (mask meta-learning, then AdaMerging), both bi-level passes reduced by the merge."""
-    code, output = run_cli(app_args(tiny_dirs, tmp_path, "method.meta_steps=2", "method.adamerging.steps=2",
+    code, output = run_cli(app_args(tiny_dirs, tmp_path, "method.phase1.steps=2", "method.phase2.steps=2",
                                     "checkpoint_every=0", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
                                     method="concrete_adamerging_layer_wise"), tmp_path)
     assert code == 0, output[-3000:]
@@ -414,3 +414,36 @@ def test_same_seed_same_results(tiny_dirs, tmp_path):
     assert comparable(first) == comparable(second)
     assert torch.equal(coefficients(tmp_path / "a"), coefficients(tmp_path / "b"))
     assert not torch.equal(coefficients(tmp_path / "a"), coefficients(tmp_path / "c"))  # the seed matters
+
+
+def test_resume_continues_only_the_stage_that_wrote_the_checkpoint(tmp_path):
+    """A two-phase method re-runs (seeded) the phases before the checkpoint's stage and continues that one."""
+    from fusion.methods.base import RunContext
+    from fusion.train.checkpoint import Resume
+
+    fits = []
+
+    class Trainer:
+        def __init__(self, stage, **kwargs):
+            self.stage, self.kwargs = stage, kwargs
+
+        def fit(self, module, datamodule, ckpt_path):
+            fits.append((self.stage, self.kwargs["max_steps"], ckpt_path))
+
+    ctx = RunContext(output_dir=tmp_path, trainer=Trainer, resume=Resume(tmp_path / "last.ckpt", "m/phase2"))
+    ctx.fit(None, None, 3, stage="m/phase1")
+    assert not ctx.resumed
+    ctx.fit(None, None, 5, stage="m/phase2")
+    assert fits == [("m/phase1", 3, None), ("m/phase2", 5, str(tmp_path / "last.ckpt"))] and ctx.resumed
+
+
+def test_a_checkpoint_of_a_stage_the_method_does_not_run_is_refused(tiny_dirs, tmp_path, checkpointed_run):
+    """An old-style or foreign stage: resume= must not be ignored silently."""
+    path = checkpointed_run / "checkpoints" / "last.ckpt"
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["fusion"]["stage"] == LAYER_WISE  # a one-stage method's stage is its name
+    checkpoint["fusion"]["stage"] = f"{LAYER_WISE}/phase9"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="training stage 'adamerging_layer_wise/phase9', which method "
+                                         "'adamerging_layer_wise' does not run"):
+        run_app(tiny_dirs, tmp_path / "new", LAYER_WISE, "method.steps=2", f"resume={checkpointed_run}")

@@ -61,7 +61,7 @@ def test_every_method_runs_end_to_end_on_a_clip_shaped_pool(sweeps, kind):
         assert list(res["per_task"]) == tasks and res["taskpool"] == "clip_TA8" and res["device"] == "cpu", method
         assert all(0.0 <= a <= 1.0 for a in res["per_task"].values()), method
         assert res["mean_accuracy"] == pytest.approx(sum(res["per_task"].values()) / len(tasks)), method
-        assert set(res["reference"]) == {"pretrained", "individual"}, method
+        assert set(res["reference"]) == {"pretrained", "individual", "task_arithmetic"}, method
         assert all(list(row["per_task"]) == tasks for row in res["reference"].values()), method
         assert res["modelpool"] == MODELPOOLS[kind] and isinstance(res["protocol"], str), method
     # the experts differ from θ0 (seeded perturbations), so the merged models are not all the pretrained model

@@ -10,15 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusion.evaluate import routing_matrix
 from fusion.merge.task_vectors import stack_task_vectors
-from fusion.param.merged import InputDependentError
-from fusion.param.routed import (RoutedEncoder, load_routed, prune_per_tensor, save_routed, smear, sparse_wemoe,
-                                 wemoe)
 from fusion.param import routers
+from fusion.param.contract import InputDependentError
+from fusion.param.routed import RoutedEncoder, prune_per_tensor, smear, sparse_wemoe, wemoe
 from fusion.param.routers import (SMEARRouter, auto_form, expert_dropout, routed_linear, routed_linear_experts,
                                   routed_linear_weights)
+from fusion.report.merge_files import read_routed, write_merge_record
 from fusion.train.module import MergeTraining
-from fusion.train.objectives import entropy
+from fusion.train.objectives import Entropy
+
+entropy = Entropy()
 
 BLOCKS = ["transformer.resblocks.0.mlp", "transformer.resblocks.1.mlp"]
 MLP_PARAMS = [f"{b}.{c}.{n}" for b in BLOCKS for c in ("c_fc", "c_proj") for n in ("weight", "bias")]
@@ -267,12 +270,13 @@ def test_save_load_is_identical(tiny_pool, tmp_path, factory):
     before = {k: v.clone() for k, v in tiny_pool.encoder.state_dict().items()}
     tv, x = tiny_pool.task_vectors(), images()
     model = randomize_routers(factory(tiny_pool.encoder, tv)).eval()
-    save_routed(model, tmp_path)
-    loaded = load_routed(tmp_path, tiny_pool.encoder, tv)
+    described = write_merge_record(model.record(), tmp_path, tiny_pool.tasks)
+    assert described == {"routed_model": tmp_path / "routed_model"}  # no routing measured: no routing files
+    loaded = read_routed(tmp_path / "routed_model", tiny_pool.encoder, tv)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
         assert not torch.allclose(loaded(x), factory(tiny_pool.encoder, tv).eval()(x), atol=1e-4)
-    assert json.loads((tmp_path / "routed_config.json").read_text())["num_experts"] == 3
+    assert json.loads((tmp_path / "routed_model" / "routed_config.json").read_text())["num_experts"] == 3
     assert all(torch.equal(v, tiny_pool.encoder.state_dict()[k]) for k, v in before.items())  # base untouched
 
 
@@ -302,7 +306,7 @@ def test_gradients_reach_only_the_routers(tiny_pool, factory):
 def test_merge_and_unload_refuses(tiny_pool):
     model = wemoe(tiny_pool.encoder, tiny_pool.task_vectors())
     assert model.input_dependent
-    with pytest.raises(InputDependentError, match="save_routed"):
+    with pytest.raises(InputDependentError, match="routed_model/"):
         model.merge_and_unload()
 
 
@@ -356,14 +360,17 @@ def test_batch_reduce_averages_routing_in_training_only(tiny_pool):
     assert torch.allclose(reduced[0], per_sample.mean(0), atol=1e-6)
 
 
-def test_artifacts_write_routing_plot_and_model(tiny_pool, tiny_taskpool, tmp_path):
+def test_record_writes_routing_plot_and_model(tiny_pool, tiny_taskpool, tmp_path):
     model = randomize_routers(wemoe(tiny_pool.encoder, tiny_pool.task_vectors()))
-    paths = model.artifacts(tmp_path, tiny_taskpool, tiny_pool.tasks)
+    record = model.record()
+    record.routing = routing_matrix(model, tiny_taskpool, tiny_pool.tasks)
     assert model.training  # the mode is restored
+    paths = write_merge_record(record, tmp_path, tiny_pool.tasks)
     assert paths["routing_plot"].stat().st_size > 1000
     matrix = torch.tensor(json.loads((tmp_path / "routing.json").read_text())["mean_routing_weight"])
+    assert torch.equal(matrix, record.routing)
     assert matrix.shape == (3, 3) and not torch.allclose(matrix, torch.full_like(matrix, 0.3), atol=1e-3)
-    loaded = load_routed(paths["routed_model"], tiny_pool.encoder, tiny_pool.task_vectors())
+    loaded = read_routed(paths["routed_model"], tiny_pool.encoder, tiny_pool.task_vectors())
     with torch.no_grad():
         assert torch.equal(loaded(images()), model.eval()(images()))
 
@@ -386,8 +393,6 @@ def test_app_runs_routed_methods(tiny_dirs, tmp_path, method):
 
 
 def test_routing_matrix_reads_the_first_images_of_each_task(tiny_pool, tiny_taskpool):
-    from fusion.param.routed import routing_matrix
-
     model = randomize_routers(wemoe(tiny_pool.encoder, tiny_pool.task_vectors())).eval()
     sub = routing_matrix(model, tiny_taskpool, tiny_pool.tasks, max_images=4)
     full = routing_matrix(model, tiny_taskpool, tiny_pool.tasks, max_images=None)

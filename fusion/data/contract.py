@@ -22,6 +22,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from fusion.utils import missing_members
+
 
 class TaskContractError(TypeError):
     """A task pool or task dataset does not offer a method of the contract."""
@@ -68,14 +70,9 @@ _POOL_METHODS = ("tasks", "dataset", "classnames", "templates", "select", "finge
 _DATASET_METHODS = ("__len__", "batch", "to")
 
 
-def _missing(obj: object, names: Sequence[str]) -> list[str]:
-    """The names among ``names`` that ``obj`` does not offer (a method, property or attribute)."""
-    return [n for n in names if getattr(type(obj), n, None) is None and n not in getattr(obj, "__dict__", {})]
-
-
 def check_task_pool(pool: object, source: str = "taskpool") -> TaskPool:
     """``pool`` if it honours :class:`TaskPool`, else :class:`TaskContractError` naming class and methods."""
-    missing = _missing(pool, _POOL_METHODS)
+    missing = missing_members(pool, _POOL_METHODS)
     if missing:
         cls = f"{type(pool).__module__}.{type(pool).__qualname__}"
         raise TaskContractError(f"{source}: {cls} is not a task pool: it lacks {missing} (the contract is "
@@ -85,7 +82,7 @@ def check_task_pool(pool: object, source: str = "taskpool") -> TaskPool:
 
 def check_task_dataset(dataset: object, source: str = "dataset") -> TaskDataset:
     """``dataset`` if it honours :class:`TaskDataset`, else :class:`TaskContractError` naming what it lacks."""
-    missing = _missing(dataset, _DATASET_METHODS)
+    missing = missing_members(dataset, _DATASET_METHODS)
     if missing:
         cls = f"{type(dataset).__module__}.{type(dataset).__qualname__}"
         raise TaskContractError(f"{source}: {cls} is not a task dataset: it lacks {missing} (the contract is "

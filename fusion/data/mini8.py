@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from fusion.utils import EtaLog
+
 from .cache import atomic_write_text, default_cache_dir
 from .sources import (
     fetch_sources, load_animals, load_cvdigits, load_fashion, load_greek, load_letters,
@@ -265,9 +267,11 @@ def build_mini8(
         manifest["sources"].update(verify_sources(files[t], strict=strict))
     root.mkdir(parents=True, exist_ok=True)
     _write_manifest(root, manifest)  # drops a stale manifest of another config before any task dir changes
+    eta = EtaLog(len(todo), "mini8 data build", log)
     for t in todo:
         manifest["tasks"][t] = _build_task(t, root, files[t], seed, subset)
         _write_manifest(root, manifest)
+        eta.advance(1, f"task {t}")
     return root
 
 

@@ -196,17 +196,18 @@ def save_taskpool(pool: InMemoryTaskPool, directory) -> None:
 
 def load_taskpool(directory, tasks: Sequence[str] | None = None) -> InMemoryTaskPool:
     """Read a task pool written by :func:`save_taskpool` (safetensors: nothing is unpickled)."""
-    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from fusion.errors import MissingFileError
+    from fusion.utils import read_json, read_safetensors
 
     directory = Path(directory)
     meta_path = directory / "tasks.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing: not a task pool written by fusion.data.taskpool.save_taskpool")
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(directory / "tensors.safetensors"))
+        raise MissingFileError(f"{meta_path} is missing: not a task pool written by "
+                               "fusion.data.taskpool.save_taskpool")
+    meta = read_json(meta_path)
+    tensors = read_safetensors(directory / "tensors.safetensors")
     names = list(tasks) if tasks is not None else list(meta["tasks"])
     data = {t: {s: (tensors[f"{t}/{s}/images"], tensors[f"{t}/{s}/labels"]) for s in SPLITS} for t in names}
     info = {t: TaskInfo(tuple(meta["tasks"][t]["classnames"]), tuple(meta["tasks"][t]["templates"])) for t in names}

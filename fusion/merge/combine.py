@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import StateDict, num_tasks
+from fusion.merge.task_vectors import HyperparameterError, StateDict, num_tasks
 
 
 def combine(tv: Mapping[str, Tensor], coefficients: Tensor) -> StateDict:
@@ -29,8 +29,8 @@ def combine(tv: Mapping[str, Tensor], coefficients: Tensor) -> StateDict:
     if coefficients.dim() == 1 and coefficients.shape[0] == k:
         coefficients = coefficients[:, None].expand(k, len(tv))
     if coefficients.shape != (k, len(tv)):
-        raise ValueError(f"coefficients must have shape [K={k}] or [K={k}, L={len(tv)}], "
-                         f"got {tuple(coefficients.shape)}")
+        raise HyperparameterError(f"coefficients must have shape [K={k}] or [K={k}, L={len(tv)}], "
+                                  f"got {tuple(coefficients.shape)}")
     out = {}
     for l, (name, t) in enumerate(tv.items()):
         c = coefficients[:, l].to(t.dtype if t.dtype == torch.float64 else torch.float32)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import StateDict, num_tasks
+from fusion.merge.task_vectors import HyperparameterError, StateDict, num_tasks
 from fusion.merge.ties import ties
 
 
@@ -26,8 +26,8 @@ def _per_task(lambdas: float | Sequence[float], k: int) -> Tensor:
     if lam.numel() == 1:
         lam = lam.expand(k)
     if lam.numel() != k or bool((lam < 0).any()):
-        raise ValueError(f"lambdas must be one non-negative float or K={k} of them (the paper's grid is "
-                         f"0.2–0.6), got {lambdas!r}")
+        raise HyperparameterError(f"lambdas must be one non-negative float or K={k} of them (the paper's grid is "
+                                  f"0.2–0.6), got {lambdas!r}")
     return lam
 
 
@@ -61,13 +61,13 @@ def _check_consensus_args(tv: Mapping[str, Tensor], k: int, base: str) -> None:
     """Clear errors for a single task, a non-integer or negative ``k`` and an unknown ``base``."""
     n = num_tasks(tv)
     if n < 2:
-        raise ValueError(f"consensus_merge needs at least 2 task vectors to count agreement, got K={n}; "
-                         "with one task use task_arithmetic (or add experts to the pool)")
+        raise HyperparameterError(f"consensus_merge needs at least 2 task vectors to count agreement, got K={n}; "
+                                  "with one task use task_arithmetic (or add experts to the pool)")
     if int(k) != k or k < 0:
-        raise ValueError(f"consensus_merge k is the minimum number of agreeing task masks, a non-negative integer "
-                         f"(k=2 in the paper), got {k!r}")
+        raise HyperparameterError(f"consensus_merge k is the minimum number of agreeing task masks, a non-negative "
+                                  f"integer (k=2 in the paper), got {k!r}")
     if base not in ("ta", "ties"):
-        raise ValueError(f"consensus_merge base must be 'ta' or 'ties', got {base!r}")
+        raise HyperparameterError(f"consensus_merge base must be 'ta' or 'ties', got {base!r}")
 
 
 def consensus_merge(tv: Mapping[str, Tensor], k: int = 2, lam: float = 0.3, base: str = "ta",

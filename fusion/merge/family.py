@@ -25,9 +25,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from fusion.merge.combine import combine, task_arithmetic  # noqa: F401  (TA is the family with nothing switched on)
+from fusion.merge.combine import combine
 from fusion.merge.sparsify import dare_drop, magnitude_trim, magprune_drop
-from fusion.merge.task_vectors import StateDict, TaskVectors, num_tasks
+from fusion.merge.task_vectors import HyperparameterError, StateDict, TaskVectors, num_tasks
 
 Sparsifier = Callable[[TaskVectors], TaskVectors]
 
@@ -54,7 +54,7 @@ def aggregate_tasks(tv: Mapping[str, Tensor], lam: float, how: str = "sum") -> S
         return combine(tv, torch.full((num_tasks(tv),), float(lam)))
     if how == "mean":
         return {n: lam * t.sum(0) / (t != 0).sum(0).clamp(min=1) for n, t in tv.items()}
-    raise ValueError(f"aggregate must be 'sum' or 'mean', got {how!r}")
+    raise HyperparameterError(f"aggregate must be 'sum' or 'mean', got {how!r}")
 
 
 def sparse_consensus_merge(tv: Mapping[str, Tensor], *, sparsify: Sparsifier | None = None,

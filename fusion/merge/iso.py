@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import StateDict, num_tasks
+from fusion.merge.task_vectors import HyperparameterError, StateDict, num_tasks
 
 
 def _work(t: Tensor) -> Tensor:
@@ -32,8 +32,8 @@ def isotropic(m: Tensor) -> Tensor:
 def _check_alpha(alpha: float, method: str) -> None:
     """α must be positive (the paper searches (0, 3])."""
     if not float(alpha) > 0:
-        raise ValueError(f"{method} alpha scales the merged update and must be > 0 (FusionBench uses 1.5), "
-                         f"got {alpha!r}")
+        raise HyperparameterError(f"{method} alpha scales the merged update and must be > 0 (FusionBench uses 1.5), "
+                                  f"got {alpha!r}")
 
 
 def iso_c(tv: Mapping[str, Tensor], alpha: float = 1.5) -> StateDict:
@@ -98,11 +98,11 @@ def iso_cts(tv: Mapping[str, Tensor], alpha: float = 1.5, common_space_fraction:
     """
     _check_alpha(alpha, "iso_cts")
     if num_tasks(tv) < 2:
-        raise ValueError(f"iso_cts needs at least 2 task vectors to build task-specific subspaces, got "
-                         f"K={num_tasks(tv)}; with one task use iso_c or task_arithmetic")
+        raise HyperparameterError(f"iso_cts needs at least 2 task vectors to build task-specific subspaces, got "
+                                  f"K={num_tasks(tv)}; with one task use iso_c or task_arithmetic")
     if not 0.0 <= float(common_space_fraction) <= 1.0:
-        raise ValueError(f"iso_cts common_space_fraction must lie in [0, 1] (0.8 in the paper), "
-                         f"got {common_space_fraction!r}")
+        raise HyperparameterError(f"iso_cts common_space_fraction must lie in [0, 1] (0.8 in the paper), "
+                                  f"got {common_space_fraction!r}")
     out = {}
     for name, t in tv.items():
         if t.dim() == 3:

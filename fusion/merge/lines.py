@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import StateDict, TaskVectors, num_tasks
+from fusion.merge.task_vectors import HyperparameterError, StateDict, TaskVectors, num_tasks
 
 _BLOCK = re.compile(r"(?:^|\.)(?:transformer\.resblocks|encoder\.layers)\.(\d+)\.")
 
@@ -53,7 +53,7 @@ def lines_scale(delta: Mapping[str, Tensor], *, alpha: float, beta: float,
     L = infer_num_blocks(delta) if num_blocks is None else int(num_blocks)
     indices = {n: block_index(n) for n in delta}
     if any(i is not None for i in indices.values()) and L < 2:
-        raise ValueError(f"lines_scale needs num_blocks >= 2 to spread the scale over depth, got {L}")
+        raise HyperparameterError(f"lines_scale needs num_blocks >= 2 to spread the scale over depth, got {L}")
     too_deep = [n for n, i in indices.items() if i is not None and i >= L]
     if too_deep:
         raise ValueError(f"lines_scale: '{too_deep[0]}' is in block {indices[too_deep[0]]} but num_blocks={L}; "

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import TaskVectors
+from fusion.merge.task_vectors import HyperparameterError, TaskVectors
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # numpy.packbits order (big-endian)
 
@@ -24,8 +24,8 @@ def check_temperature(temperature: float) -> float:
     """``temperature`` as a float; raise a clear error unless it is a finite number > 0."""
     t = float(temperature)
     if not (t > 0.0 and t < float("inf")):
-        raise ValueError(f"the Concrete temperature must be a finite number > 0, got {temperature!r} "
-                         "(0.5 is the paper's value; use eval_mask=hard for a binary mask, not temperature=0)")
+        raise HyperparameterError(f"the Concrete temperature must be a finite number > 0, got {temperature!r} "
+                                  "(0.5 is the paper's value; use eval_mask=hard for a binary mask, not temperature=0)")
     return t
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import StateDict
+from fusion.merge.task_vectors import HyperparameterError, StateDict
 
 
 def split_rank(s: Tensor, alpha: float) -> int:
@@ -53,8 +53,8 @@ def project_update(prev: Tensor, tau: Tensor, alpha: float = 0.5) -> Tensor:
 def _check_alpha(alpha: float) -> None:
     """α is a cumulative-σ share and must lie in (0, 1)."""
     if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"opcm alpha is the cumulative singular-value share that fixes the protected rank and "
-                         f"must lie in (0, 1) (0.5 in the paper), got {alpha!r}")
+        raise HyperparameterError(f"opcm alpha is the cumulative singular-value share that fixes the protected rank "
+                                  f"and must lie in (0, 1) (0.5 in the paper), got {alpha!r}")
 
 
 def _add_expert(running: StateDict | None, pretrained: Mapping[str, Tensor], expert: Mapping[str, Tensor],

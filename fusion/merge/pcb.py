@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fusion.merge.sparsify import check_fraction
-from fusion.merge.task_vectors import StateDict, flatten, num_tasks, unflatten
+from fusion.merge.task_vectors import HyperparameterError, StateDict, flatten, num_tasks, unflatten
 
 
 def minmax(x: Tensor) -> Tensor:
@@ -56,12 +56,12 @@ def pcb_weights(flat: Tensor, ratio: float = 0.05, clip: float = 0.01) -> tuple[
 def _check_pcb(tv: Mapping[str, Tensor], ratio: float, clip: float) -> None:
     """Clear errors for a single task and out-of-range ``ratio``/``clip``."""
     if num_tasks(tv) < 2:
-        raise ValueError(f"pcb needs at least 2 task vectors to balance competition between them, got "
-                         f"K={num_tasks(tv)}; with one task use task_arithmetic")
+        raise HyperparameterError(f"pcb needs at least 2 task vectors to balance competition between them, got "
+                                  f"K={num_tasks(tv)}; with one task use task_arithmetic")
     check_fraction(ratio, "ratio")
     if not 0.0 <= float(clip) < 0.5:
-        raise ValueError(f"pcb clip is the outlier fraction clipped at each end and must lie in [0, 0.5), "
-                         f"got {clip!r} (0.01 in the reference code)")
+        raise HyperparameterError(f"pcb clip is the outlier fraction clipped at each end and must lie in [0, 0.5), "
+                                  f"got {clip!r} (0.01 in the reference code)")
 
 
 def pcb(tv: Mapping[str, Tensor], ratio: float = 0.05, lam: float | Sequence[float] = 1.2,
@@ -82,6 +82,6 @@ def pcb(tv: Mapping[str, Tensor], ratio: float = 0.05, lam: float | Sequence[flo
     clipped, w = pcb_weights(flat, ratio, clip)
     lams = torch.as_tensor(lam, dtype=flat.dtype).reshape(-1, 1)
     if lams.shape[0] not in (1, flat.shape[0]):
-        raise ValueError(f"pcb lam must be one float or K={flat.shape[0]} floats, got {lam!r}")
+        raise HyperparameterError(f"pcb lam must be one float or K={flat.shape[0]} floats, got {lam!r}")
     merged = (lams * clipped * w).sum(0) / w.sum(0).clamp(min=1e-12)
     return {n: t[0] for n, t in unflatten(merged.unsqueeze(0), {n: t[:1] for n, t in tv.items()}).items()}

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fusion.merge.task_vectors import StateDict
+from fusion.merge.task_vectors import HyperparameterError, StateDict
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ def _min_eig_ratio(a: Tensor) -> float:
 def _check_alpha(alpha: float) -> None:
     """α scales off-diagonals and must lie in [0, 1]."""
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"regmean alpha scales the Gram matrices' off-diagonal entries and must lie in [0, 1] "
-                         f"(0.95 in FusionBench; 1 is plain RegMean, 0 a diagonal-weighted mean), got {alpha!r}")
+        raise HyperparameterError(f"regmean alpha scales the Gram matrices' off-diagonal entries and must lie in "
+                                  f"[0, 1] (0.95 in FusionBench; 1 is plain RegMean, 0 a diagonal-weighted mean), "
+                                  f"got {alpha!r}")
 
 
 def regmean_merge(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.95, *,

@@ -17,20 +17,21 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import TaskVectors, flatten, unflatten
+from fusion.merge.task_vectors import HyperparameterError, TaskVectors, flatten, unflatten
 
 
 def check_fraction(k: float, name: str = "k") -> None:
     """Raise a clear error unless ``0 < k ≤ 1``."""
     if not 0.0 < float(k) <= 1.0:
-        raise ValueError(f"{name} is the kept fraction and must lie in (0, 1], got {k!r} (e.g. {name}=0.2 keeps 20%)")
+        raise HyperparameterError(f"{name} is the kept fraction and must lie in (0, 1], got {k!r} "
+                                  f"(e.g. {name}=0.2 keeps 20%)")
 
 
 def check_drop_rate(p: float, name: str = "p") -> None:
     """Raise a clear error unless ``0 ≤ p < 1`` (survivors are rescaled by ``1/(1−p)``)."""
     if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name} is a drop probability and must lie in [0, 1), got {p!r} "
-                         f"(survivors are rescaled by 1/(1-{name}); e.g. {name}=0.5 drops half)")
+        raise HyperparameterError(f"{name} is a drop probability and must lie in [0, 1), got {p!r} "
+                                  f"(survivors are rescaled by 1/(1-{name}); e.g. {name}=0.5 drops half)")
 
 
 def magnitude_trim(tv: Mapping[str, Tensor], k: float = 0.2) -> TaskVectors:
@@ -98,10 +99,10 @@ def check_magprune(density: float, epsilon: float) -> None:
     check_fraction(density, "density")
     p_bar = 1.0 - float(density)
     if epsilon < 0 or p_bar - epsilon / 2 < 0 or p_bar + epsilon / 2 >= 1:
-        raise ValueError(f"magprune drop probabilities span [1-density-epsilon/2, 1-density+epsilon/2] = "
-                         f"[{p_bar - epsilon / 2:g}, {p_bar + epsilon / 2:g}] for density={density!r}, "
-                         f"epsilon={epsilon!r}; they must lie in [0, 1): choose 0 <= epsilon <= 2*min(1-density, "
-                         f"density) (e.g. density=0.5, epsilon=0.1)")
+        raise HyperparameterError(f"magprune drop probabilities span [1-density-epsilon/2, 1-density+epsilon/2] = "
+                                  f"[{p_bar - epsilon / 2:g}, {p_bar + epsilon / 2:g}] for density={density!r}, "
+                                  f"epsilon={epsilon!r}; they must lie in [0, 1): choose "
+                                  f"0 <= epsilon <= 2*min(1-density, density) (e.g. density=0.5, epsilon=0.1)")
 
 
 def magprune_drop(tv: Mapping[str, Tensor], density: float = 0.5, epsilon: float = 0.1,

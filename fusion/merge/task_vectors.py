@@ -19,6 +19,23 @@ class PoolMismatchError(ValueError):
     """An expert does not match the pretrained model (keys, shapes or dtypes)."""
 
 
+class HyperparameterError(ValueError):
+    """A merge or parametrization hyperparameter outside its range: a config value, named in the message with its
+    fix (the ``fusion`` entry point reports it as one message, see :mod:`fusion.errors`)."""
+
+
+def floating_dtype(name: str | torch.dtype | None, key: str = "tv_dtype") -> torch.dtype | None:
+    """``"bfloat16"`` → ``torch.bfloat16`` (``None`` stays ``None``); the one parser of dtype names in configs
+    (``method.tv_dtype``, ``modelpool.tv_dtype``, ``method.model.logits_dtype``). Only floating dtypes."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise HyperparameterError(f"{key} must be a floating torch dtype name (float32, bfloat16, float16), "
+                                  f"got {name!r}")
+    return dtype
+
+
 def validate_compatible(reference: Mapping[str, Tensor], other: Mapping[str, Tensor], *,
                         name: str = "expert", source: str = "<memory>") -> None:
     """Raise :class:`PoolMismatchError` naming the first key whose presence, shape or dtype differs.

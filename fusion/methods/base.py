@@ -9,19 +9,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusion.param.contract import MergeRecord
+from fusion.train.checkpoint import Resume
+
 
 @dataclass
 class RunContext:
     """Run-level objects a method may use: where to write, the seed, the run's device (from conf/trainer: every
-    merge, statistic and evaluation runs there), and a Trainer factory for learned methods."""
+    merge, statistic and evaluation runs there), and the Trainer factory and checkpoint to resume for learned
+    methods (:meth:`fit`)."""
 
     output_dir: Path
     seed: int = 0
-    trainer: Callable[..., Any] | None = None  # partial(pl.Trainer, ...) from conf/trainer
+    trainer: Callable[..., Any] | None = None  # (stage, **Trainer kwargs) -> pl.Trainer, from conf/trainer
     loggers: list = field(default_factory=list)
     eval_batch_size: int = 512
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     distributed: bool = False  # several training processes (trainer=ddp/fsdp): Lightning places each rank's copy
+    resume: Resume | None = None  # the checkpoint of `resume=<run dir>`, validated against method and pool
+    resumed: bool = False  # whether a training stage has continued from `resume`
 
     def evaluate(self, encoder, heads, taskpool, split: str) -> dict[str, float]:
         """``{task: accuracy}`` of ``encoder`` on ``split``, on this run's device and evaluation batch size."""
@@ -29,11 +35,25 @@ class RunContext:
 
         return evaluate(encoder, heads, taskpool, split=split, batch_size=self.eval_batch_size, device=self.device)
 
+    def fit(self, module, datamodule, steps: int, stage: str) -> None:
+        """Train ``module`` for ``steps`` optimizer steps with the run's Trainer; ``stage`` names the checkpoints it
+        writes, and the run's ``resume`` checkpoint is continued from when it was written in this stage."""
+        if self.trainer is None:
+            raise RuntimeError("this RunContext has no Trainer factory: learned methods run through fusion.app.train")
+        trainer = self.trainer(stage=stage, max_steps=steps, default_root_dir=str(self.output_dir),
+                               logger=self.loggers or False)
+        ckpt_path = None
+        if self.resume is not None and self.resume.stage == stage:
+            ckpt_path, self.resumed = str(self.resume.path), True
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
 
 @dataclass
 class MergeOutcome:
-    """The merged encoder (``images -> features``) and what the method wants recorded in results.json."""
+    """The merged encoder (``images -> features``), what the method wants recorded in results.json, and what the
+    report writes next to it: ``records`` maps a ``method_info`` key to a :class:`MergeRecord` (learned methods)."""
 
     encoder: nn.Module
     info: dict[str, Any] = field(default_factory=dict)
     protocol: str = "static merge: no data"
+    records: dict[str, MergeRecord] = field(default_factory=dict)

@@ -9,6 +9,7 @@ import statistics
 
 import torch
 
+from fusion.errors import ConfigError
 from fusion.merge.opcm import opcm
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.static import merged_encoder
@@ -19,7 +20,7 @@ class OPCMMerge:
 
     def __init__(self, name: str = "opcm", alpha: float = 0.5, num_orders: int = 3):
         if num_orders < 1:
-            raise ValueError(f"opcm num_orders must be ≥ 1, got {num_orders}")
+            raise ConfigError(f"opcm num_orders must be ≥ 1, got {num_orders}")
         self.name, self.alpha, self.num_orders = name, alpha, num_orders
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:

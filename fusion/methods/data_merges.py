@@ -10,6 +10,7 @@ import logging
 import torch
 
 from fusion.data.contract import check_task_dataset
+from fusion.errors import ConfigError
 from fusion.merge.fisher import diagonal_fisher, fisher_merge_delta
 from fusion.merge.regmean import default_linear_names, gram_matrices, regmean_delta
 from fusion.methods.base import MergeOutcome, RunContext
@@ -22,7 +23,7 @@ def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed:
                    device: str | torch.device = "cpu"):
     """``num_samples`` seeded images of ``task``'s ``split`` as a list of ``[B, 3, H, W]`` batches on ``device``."""
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}")
+        raise ConfigError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}")
     ds = check_task_dataset(taskpool.dataset(task, split), f"task '{task}' ({split})")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_samples]
     return [ds.batch(idx[i:i + batch_size])[0].to(device) for i in range(0, len(idx), batch_size)]
@@ -63,7 +64,7 @@ class RegMeanMerge:
 
     def __init__(self, name: str = "regmean", num_samples: int = 256, batch_size: int = 32, alpha: float = 0.95):
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"regmean alpha scales the Gram off-diagonals and must lie in [0, 1], got {alpha}")
+            raise ConfigError(f"regmean alpha scales the Gram off-diagonals and must lie in [0, 1], got {alpha}")
         self.name, self.num_samples, self.batch_size, self.alpha = name, num_samples, batch_size, alpha
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:

@@ -1,112 +1,143 @@
-"""Learned merges: a parametrization over frozen task vectors, trained by the one loop (MergeTraining).
+"""The one runner of learned merges: a parametrization over frozen task vectors, trained by the one loop.
 
-AdaMerging (task-wise / layer-wise) is ``parametrization = fusion.param.coefficients.{task_wise,layer_wise}``;
-AdaMerging++ is the same with ``preprocess = fusion.merge.ties.ties_disjoint`` (selected by config). The
-objective is entropy on the unlabeled test split (the paper's transductive protocol) or cross-entropy on a
-labeled split.
+AdaMerging (task-wise / layer-wise) is ``model = fusion.param.coefficients.coefficient_merge``; AdaMerging++ is the
+same with ``preprocess = fusion.merge.ties.ties_disjoint`` (``method/preprocess=ties``); Concrete Task Arithmetic
+is ``model = fusion.param.concrete.concrete_merge``; WEMoE, sparse WEMoE and SMEAR are the routers of
+:mod:`fusion.param.routed`. Concrete AdaMerging is two uses of this runner (:mod:`fusion.methods.concrete`). The
+objective is entropy on the unlabeled test split (the paper's transductive protocol) or cross-entropy on a labeled
+split (``method/objective=cross_entropy method/data=val_labeled``).
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Protocol, runtime_checkable
 
-import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from fusion.errors import ConfigError
+from fusion.merge.task_vectors import floating_dtype
 from fusion.methods.base import MergeOutcome, RunContext
-from fusion.report import coefficient_heatmap
-from fusion.train.checkpoint import resume_path
+from fusion.param.contract import MergeRecord, Parametrization, check_parametrization
 from fusion.train.module import MergeTraining, NonFiniteLossError
-from fusion.train.objectives import needs_labels, objective_name
-from fusion.utils import atomic_save_safetensors, atomic_write_json
+from fusion.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 
 
-def protocol(objective: Callable, split: str, labeled: bool) -> str:
+@runtime_checkable
+class InitialCoefficient(Protocol):
+    """A method whose (tuned) λ can start a learned merge: :class:`fusion.methods.static.StaticMerge`."""
+
+    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[float, dict[str, Any] | None]: ...
+
+
+@runtime_checkable
+class LearnedMethod(Protocol):
+    """A method that trains: one or more uses of :class:`LearnedMerge` (its training stages, in order)."""
+
+    def stages(self) -> list["LearnedMerge"]: ...
+
+
+def initial_value(init: Any, pool, taskpool, ctx: RunContext) -> tuple[Any, dict[str, Any] | None]:
+    """``(λ_0, tuning record)``: a fixed ``init`` (a float or one per task) as it is, or the val-tuned ``lam`` of a
+    static merge (``method/init=task_arithmetic``). ``init`` is declared as that union; this picks its branch."""
+    if isinstance(init, InitialCoefficient):
+        return init.initial_coefficient(pool, taskpool, ctx)
+    return init, None
+
+
+def protocol(objective: Objective, split: str, labeled: bool) -> str:
     """A readable statement of what data the method trained on."""
     if labeled:
-        return f"{objective_name(objective)} on the labeled {split} split"
+        return f"{objective.name} on the labeled {split} split"
     transductive = " (test-time adaptation: transductive, adapts on the evaluation split)" if split == "test" else ""
-    return f"{objective_name(objective)} minimisation on unlabeled {split} images{transductive}"
+    return f"{objective.name} minimisation on unlabeled {split} images{transductive}"
 
 
 class LearnedMerge:
-    """Train a merged model built by ``model(base, task_vectors, init)`` over (optionally preprocessed) task vectors.
+    """Train a parametrization built by ``model(base, task_vectors, init)`` over (optionally preprocessed) task
+    vectors with ``training`` (the loop), then evaluate what it exports.
 
     Args:
-        model: ``(base, task_vectors, init) -> nn.Module`` with ``prepare()``, ``forward(images, state)``,
-            ``merge_and_unload()`` (Hydra ``_partial_``), e.g. :func:`fusion.param.coefficients.coefficient_merge`.
-        objective: ``(logits, labels | None) -> loss``.
+        name: the method's name in results.json (and the training stage its checkpoints record).
+        model: ``(base, task_vectors, init) -> Parametrization`` (Hydra ``_partial_``), e.g.
+            :func:`fusion.param.coefficients.coefficient_merge`.
+        objective: a :class:`fusion.train.objectives.Objective`.
         optimizer, scheduler: Hydra partials over parameters / optimizer.
-        data: ``(taskpool, tasks, seed) -> MultiTaskDataModule`` partial (split, batch_size, labeled).
+        data: ``(taskpool, tasks, seed, device, batches_per_step) -> MultiTaskDataModule`` partial (split,
+            batch_size, labeled).
         steps: optimizer steps.
         init: a float, one float per task, or a StaticMerge whose (tuned) ``lam`` is the initial value.
         preprocess: optional ``τ -> τ'`` (e.g. TIES trim + elect + disjoint for AdaMerging++).
+        tv_dtype: task-vector dtype name (``bfloat16`` halves their memory).
+        training: ``(model, heads, objective, optimizer, scheduler) -> MergeTraining`` (Hydra ``_partial_``);
+            default :class:`MergeTraining`; Concrete AdaMerging's mask phase uses
+            :class:`fusion.train.bilevel.BilevelTraining`.
     """
 
-    def __init__(self, name: str, model: Callable, objective: Callable, optimizer: Callable,
-                 data: Callable, steps: int, init: Any = 0.3, preprocess: Callable | None = None,
-                 scheduler: Callable | None = None, tv_dtype: str | None = None):
+    def __init__(self, name: str, model: Callable, objective: Objective, optimizer: Callable, data: Callable,
+                 steps: int, init: Any = 0.3, preprocess: Callable | None = None, scheduler: Callable | None = None,
+                 tv_dtype: str | None = None, training: Callable[..., MergeTraining] | None = None):
         if steps < 1:
-            raise ValueError(f"method.steps must be ≥ 1, got {steps}")
+            raise ConfigError(f"method.steps must be ≥ 1, got {steps}")
         self.name, self.model, self.objective = name, model, objective
         self.optimizer, self.scheduler, self.data, self.steps = optimizer, scheduler, data, int(steps)
         self.init, self.preprocess = init, preprocess
-        self.tv_dtype = getattr(torch, tv_dtype) if tv_dtype else None
+        self.tv_dtype = floating_dtype(tv_dtype, "method.tv_dtype")
+        self.training = training or MergeTraining
 
-    def initial_value(self, pool, taskpool, ctx: RunContext) -> tuple[Any, dict | None]:
-        if hasattr(self.init, "initial_coefficient"):
-            return self.init.initial_coefficient(pool, taskpool, ctx)
-        return self.init, None
+    def stages(self) -> list[LearnedMerge]:
+        """One training stage: this runner."""
+        return [self]
 
-    def build_model(self, pool, init: Any, ctx: RunContext):
+    def build_model(self, pool, init: Any, ctx: RunContext) -> Parametrization:
         # one process: on the run's device; several: on the host, where each rank's strategy shards or places them
         tv = pool.task_vectors(dtype=self.tv_dtype, device="cpu" if ctx.distributed else ctx.device)
         if self.preprocess is not None:
             tv = self.preprocess(tv)
-        return self.model(base=pool.encoder, task_vectors=tv, init=init)
+        return check_parametrization(self.model(base=pool.encoder, task_vectors=tv, init=init), f"method '{self.name}'")
+
+    def build_data(self, taskpool, tasks, ctx: RunContext, module: MergeTraining):
+        datamodule = self.data(taskpool=taskpool, tasks=tasks, seed=ctx.seed, device=ctx.device,
+                               batches_per_step=module.batches_per_step)
+        if self.objective.needs_labels and not datamodule.labeled:
+            raise ConfigError(f"objective '{self.objective.name}' needs labels but method.data.labeled is false; "
+                              "use method/data=val_labeled (the labeled val split)")
+        return datamodule
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
-        init, init_tuning = self.initial_value(pool, taskpool, ctx)
+        init, tuning = initial_value(self.init, pool, taskpool, ctx)
+        return self.train(pool, taskpool, ctx, init, tuning)
+
+    def train(self, pool, taskpool, ctx: RunContext, init: Any, tuning: dict | None = None) -> MergeOutcome:
+        """Build, train and export the parametrization from the initial value ``init`` (already resolved)."""
         model = self.build_model(pool, init, ctx)
-        datamodule = self.data(taskpool=taskpool, tasks=pool.tasks, seed=ctx.seed, device=ctx.device)
-        if needs_labels(self.objective) and not datamodule.labeled:
-            raise ValueError(f"objective '{objective_name(self.objective)}' needs labels but method.data.labeled is "
-                             "false; set method.data.labeled=true and method.data.split=val")
-        module = MergeTraining(model, pool.heads, self.objective, self.optimizer, self.scheduler)
-        trainer = ctx.trainer(max_steps=self.steps, default_root_dir=str(ctx.output_dir), logger=ctx.loggers or False)
+        module = self.training(model=model, heads=pool.heads, objective=self.objective, optimizer=self.optimizer,
+                               scheduler=self.scheduler)
+        datamodule = self.build_data(taskpool, pool.tasks, ctx, module)
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(trainer))
-        except NonFiniteLossError:
-            self.save_outputs(model, pool.tasks, ctx, suffix=".last_good")
+            ctx.fit(module, datamodule, self.steps, stage=self.name)
+        except NonFiniteLossError as err:
+            err.records = {"artifacts": self.record(model)}
             raise
-        self.save_outputs(model, pool.tasks, ctx)
         model.to(ctx.device)  # Lightning's teardown moved it back to the CPU
-        info = {"init": init, "init_tuning": init_tuning, "steps": self.steps,
+        info = {"init": init, "init_tuning": tuning, "steps": self.steps, **module.describe(),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
-        sharding = getattr(model, "sharding_info", lambda: None)()
+        sharding = model.sharding_info()
         if sharding is not None:  # trainer=fsdp: the task-vector elements rank 0 held
             info["task_vector_sharding"] = sharding
-        if hasattr(model, "artifacts") and rank_zero_only.rank == 0:
-            info["artifacts"] = model.artifacts(ctx.output_dir, taskpool, pool.tasks)
-        # input-dependent models (routers) are evaluated as they are, in eval mode (per-sample routing, no dropout)
-        encoder = model.eval() if getattr(model, "input_dependent", False) else model.merge_and_unload()
-        return MergeOutcome(encoder, info, protocol(self.objective, datamodule.split, datamodule.labeled))
+        record = self.record(model, taskpool, pool.tasks, ctx)
+        return MergeOutcome(model.export(), info, protocol(self.objective, datamodule.split, datamodule.labeled),
+                            records={"artifacts": record})
 
-    @rank_zero_only
-    def save_outputs(self, model, tasks: Sequence[str], ctx: RunContext, suffix: str = "") -> None:
-        """Learned parameters (safetensors + JSON) and, for coefficients, a tasks × tensors heatmap."""
-        out = ctx.output_dir
-        state = {n: p.detach().float() for n, p in model.named_parameters() if p.requires_grad}
-        meta = {"tasks": json.dumps(list(tasks)), "tensor_names": json.dumps(getattr(model, "names", []))}
-        atomic_save_safetensors(out / f"merge_parameters{suffix}.safetensors", state, meta)
-        weighting = getattr(model, "weighting", None)
-        if hasattr(weighting, "values"):
-            values = weighting.values().detach()
-            atomic_write_json(out / f"coefficients{suffix}.json",
-                              {"tasks": list(tasks), "tensor_names": model.names, "lambdas": values.tolist()})
-            if not suffix:
-                coefficient_heatmap(values, tasks, out / "coefficients.png", title=f"{self.name}: learned λ")
+    def record(self, model: Parametrization, taskpool=None, tasks=None, ctx: RunContext | None = None) -> MergeRecord:
+        """What the report writes: the parametrization's record titled by this method; for an input-dependent
+        model (on rank 0, with a task pool) the mean routing per task (:func:`fusion.evaluate.routing_matrix`)."""
+        record = replace(model.record(), title=self.name)
+        if model.input_dependent and taskpool is not None and rank_zero_only.rank == 0:
+            from fusion.evaluate import routing_matrix
+
+            record.routing = routing_matrix(model, taskpool, tasks)
+        return record

@@ -6,11 +6,13 @@ and the best is used; results.json records the grid, the scores and that they ca
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from fusion.errors import ConfigError
 from fusion.merge.task_vectors import StateDict, add_delta
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.openclip import copy_with_state, freeze
@@ -23,6 +25,12 @@ def merged_encoder(pool, delta: Mapping[str, Any]):
     return freeze(copy_with_state(pool.encoder, add_delta(pool.pretrained_state(), delta)))
 
 
+def as_partial(fn: Callable) -> functools.partial:
+    """``fn`` as a ``functools.partial`` (Hydra's ``_partial_: true`` gives one; a plain function gets one without
+    keywords), whose ``keywords`` are the default hyperparameters."""
+    return fn if isinstance(fn, functools.partial) else functools.partial(fn)
+
+
 def grid(space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """Every combination of a ``{name: values}`` grid, in order."""
     names = list(space)
@@ -33,21 +41,23 @@ class StaticMerge:
     """A data-free merge ``fn(τ, **hyperparameters)``; ``tune`` = ``{name: [values]}`` grid on ``tune_split``.
 
     ``postprocess`` (e.g. LiNeS' :func:`fusion.merge.lines.lines_scale`) maps the merged update to a new one;
-    tune its arguments with ``postprocess.<arg>`` keys in ``tune``.
+    tune its arguments with ``postprocess.<arg>`` keys in ``tune``. Both are functions or (Hydra ``_partial_``)
+    partials whose keywords are the default hyperparameters.
     """
 
     def __init__(self, fn: Callable[..., StateDict], name: str | None = None,
                  tune: Mapping[str, Sequence[Any]] | None = None, tune_split: str = "val",
                  postprocess: Callable[..., StateDict] | None = None):
         if tune_split == "test":
-            raise ValueError("tune_split='test' would tune on test labels; use the validation split ('val')")
-        self.fn, self.tune_split, self.postprocess = fn, tune_split, postprocess
+            raise ConfigError("tune_split='test' would tune on test labels; use the validation split ('val')")
+        self.fn, self.tune_split = as_partial(fn), tune_split
+        self.postprocess = None if postprocess is None else as_partial(postprocess)
         self.tune = {k: list(v) for k, v in (tune or {}).items()}
-        self.name = name or getattr(getattr(fn, "func", fn), "__name__", "static")
+        self.name = name or self.fn.func.__name__
 
     def defaults(self) -> dict[str, Any]:
-        post = {f"postprocess.{k}": v for k, v in (getattr(self.postprocess, "keywords", {}) or {}).items()}
-        return {**(getattr(self.fn, "keywords", {}) or {}), **post}
+        post = {f"postprocess.{k}": v for k, v in (self.postprocess.keywords if self.postprocess else {}).items()}
+        return {**self.fn.keywords, **post}
 
     def merge(self, tv, hparams: Mapping[str, Any]) -> StateDict:
         """``postprocess(fn(τ, **h), **h_post)`` with ``h_post`` the ``postprocess.*`` entries of ``hparams``."""
@@ -64,8 +74,8 @@ class StaticMerge:
             return self.defaults(), None
         unknown = [k for k in self.tune if k not in self.defaults()]
         if unknown:
-            raise KeyError(f"method '{self.name}': tune keys {unknown} are not arguments set on fn "
-                           f"({sorted(self.defaults())}); add them to fn or fix tune")
+            raise ConfigError(f"method '{self.name}': tune keys {unknown} are not arguments set on fn "
+                              f"({sorted(self.defaults())}); add them to fn or fix tune")
         scores = []
         for candidate in grid(self.tune):
             acc = ctx.evaluate(merged_encoder(pool, self.merge(tv, {**self.defaults(), **candidate})), pool.heads,
@@ -88,5 +98,5 @@ class StaticMerge:
         """The (tuned) ``lam`` of this merge, used to initialise learned coefficients."""
         hparams, tuning = self.select(pool, taskpool, pool.task_vectors(), ctx)
         if "lam" not in hparams:
-            raise KeyError(f"method '{self.name}' has no 'lam' hyperparameter to initialise coefficients from")
+            raise ConfigError(f"method '{self.name}' has no 'lam' hyperparameter to initialise coefficients from")
         return float(hparams["lam"]), tuning

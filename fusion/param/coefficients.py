@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.merge.combine import combine
+from fusion.merge.task_vectors import HyperparameterError
 
 
 def initial_values(init: float | Sequence[float], num_tasks: int) -> Tensor:
@@ -21,12 +22,16 @@ def initial_values(init: float | Sequence[float], num_tasks: int) -> Tensor:
     if values.numel() == 1:
         return values.expand(num_tasks).clone()
     if values.numel() != num_tasks:
-        raise ValueError(f"init must be a scalar or one value per task (K={num_tasks}), got {values.numel()} values")
+        raise HyperparameterError(f"method.init must be a scalar or one value per task (K={num_tasks}), got "
+                                  f"{values.numel()} values")
     return values.clone()
 
 
 class Coefficients(nn.Module):
-    """Learnable ``λ`` of shape ``[K]`` (task-wise) or ``[K, L]`` (layer-wise); ``forward(τ) = Σ λ τ``."""
+    """Learnable ``λ`` of shape ``[K]`` (task-wise) or ``[K, L]`` (layer-wise); ``forward(τ) = Σ λ τ``.
+
+    A :class:`fusion.param.contract.Weighting` of :class:`fusion.param.merged.MergedEncoder`.
+    """
 
     def __init__(self, num_tasks: int, num_tensors: int | None = None, init: float | Sequence[float] = 0.3,
                  clamp: tuple[float, float] | None = None):
@@ -36,10 +41,10 @@ class Coefficients(nn.Module):
             values = values[:, None].repeat(1, num_tensors)
         self.lambdas = nn.Parameter(values)
         if clamp is not None and not clamp[0] < clamp[1]:
-            raise ValueError(f"clamp must be (low, high) with low < high, got {clamp}")
+            raise HyperparameterError(f"clamp must be (low, high) with low < high, got {clamp}")
         self.clamp = tuple(clamp) if clamp is not None else None
 
-    def values(self) -> Tensor:
+    def coefficients(self) -> Tensor:
         """λ as used in the merge (clamped when configured)."""
         return self.lambdas.clamp(*self.clamp) if self.clamp else self.lambdas
 
@@ -47,14 +52,14 @@ class Coefficients(nn.Module):
         if self.lambdas.dim() == 2 and self.lambdas.shape[1] != len(task_vectors):
             raise ValueError(f"layer-wise λ has {self.lambdas.shape[1]} columns but there are "
                              f"{len(task_vectors)} task-vector tensors")
-        return combine(task_vectors, self.values())
+        return combine(task_vectors, self.coefficients())
 
     def elementwise_split(self) -> tuple[nn.Module, None]:
         """``δ^l_j`` depends on ``τ^l_{·,j}`` alone: the whole weighting runs on task-vector chunks (trainer=fsdp)."""
         return self, None
 
     def stats(self) -> dict[str, float]:
-        v = self.values().detach()
+        v = self.coefficients().detach()
         return {"lambda_mean": float(v.mean()), "lambda_min": float(v.min()), "lambda_max": float(v.max())}
 
 

@@ -16,37 +16,26 @@ logits), the expected mask ``σ(x)``, or the hard mask ``1[σ(x) > 0.5]``. The m
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fusion.merge.masks import (apply_mask, check_temperature, concrete_sample, expected_mask, hard_mask, is_binary,
-                                kept_fraction, mask_task_vectors, pack_bits, unpack_bits)
-from fusion.merge.task_vectors import num_tasks
+from fusion.merge.masks import (apply_mask, check_temperature, concrete_sample, expected_mask, hard_mask,
+                                mask_task_vectors)
+from fusion.merge.task_vectors import HyperparameterError, floating_dtype, num_tasks
 from fusion.param.coefficients import Coefficients
-from fusion.param.merged import MergedEncoder, NotShardableError
+from fusion.param.contract import MergeRecord, NotShardableError
+from fusion.param.merged import MergedEncoder
 
 EVAL_MASKS = ("continuous", "expected", "hard")
 LEARN_COEFFICIENTS = (False, "task_wise", "layer_wise")
-MASK_FORMAT = "fusion-concrete-mask/1"
 
 
 class NonFiniteLogitsError(ValueError):
     """A mask logit is NaN or infinite."""
-
-
-def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"`` → ``torch.bfloat16`` (``None`` stays ``None``); only floating dtypes."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"logits_dtype must be a floating torch dtype name (float32, bfloat16, float16), got {name!r}")
-    return dtype
 
 
 class ConcreteMask(nn.Module):
@@ -72,12 +61,12 @@ class ConcreteMask(nn.Module):
                  logits_dtype: torch.dtype | str | None = None, seed: int = 0, factorized: bool = False):
         super().__init__()
         if eval_mask not in EVAL_MASKS:
-            raise ValueError(f"eval_mask must be one of {EVAL_MASKS}, got {eval_mask!r}")
+            raise HyperparameterError(f"method.model.eval_mask must be one of {EVAL_MASKS}, got {eval_mask!r}")
         self.inner, self.names = inner, list(shapes)
         self.temperature = check_temperature(temperature)
         self.eval_temperature = check_temperature(temperature if eval_temperature is None else eval_temperature)
         self.eval_mask, self.seed, self.factorized = eval_mask, int(seed), bool(factorized)
-        dtype = torch_dtype(logits_dtype) or torch.float32
+        dtype = floating_dtype(logits_dtype, "method.model.logits_dtype") or torch.float32
         self.logits = nn.ParameterList([nn.Parameter(torch.full(tuple(s), float(init_logit), dtype=dtype))
                                         for s in shapes.values()])
         self._detached = False
@@ -143,21 +132,18 @@ class ConcreteMask(nn.Module):
     def elementwise_split(self):
         """``(inner, apply_masks)``: the inner weighting runs on task-vector chunks; the mask, whose rescale needs
         the mean over a whole tensor, on the all-gathered ``δ`` (``trainer=fsdp``). Factorized masks only."""
-        if not self.factorized or not hasattr(self.inner, "elementwise_split"):
+        if not self.factorized:
             raise NotShardableError("trainer=fsdp needs a factorized Concrete mask over coefficients "
                                     "(concrete_merge builds one); use trainer=ddp")
-        return self.inner, self.apply_masks
+        elementwise, finish = self.inner.elementwise_split()
+        if finish is not None:
+            raise NotShardableError(f"trainer=fsdp: the Concrete mask's inner weighting {type(self.inner).__name__} "
+                                    "is not elementwise in τ; use trainer=ddp")
+        return elementwise, self.apply_masks
 
-    # bi-level interface (fusion.train.bilevel): outer = mask logits, inner = the wrapped weighting
-    def outer_parameters(self) -> list[nn.Parameter]:
-        return list(self.logits)
-
-    def inner_parameters(self) -> list[nn.Parameter]:
-        return list(self.inner.parameters())
-
-    def values(self) -> Tensor:
-        """The inner coefficients λ (for LearnedMerge's coefficient heatmap)."""
-        return self.inner.values()
+    def coefficients(self) -> Tensor | None:
+        """The inner coefficients λ as used in the merge."""
+        return self.inner.coefficients()
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
@@ -165,13 +151,12 @@ class ConcreteMask(nn.Module):
         sums = torch.stack([torch.stack([torch.sigmoid(x.float()).sum(), (x > 0).sum().float(), x.float().abs().sum()])
                             for x in self.logits]).sum(0) / total
         expected, hard, abs_mean = sums.tolist()  # one device sync
-        inner = getattr(self.inner, "stats", None)
         return {"mask_expected_kept": expected, "mask_hard_kept": hard, "mask_logit_abs_mean": abs_mean,
-                **(inner() if inner else {})}
+                **self.inner.stats()}
 
-    def describe(self) -> dict[str, Any]:
-        """What results.json should record about the mask (``method_info.mask``)."""
-        final = self.final_mask()
+    def describe(self, final: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
+        """What results.json records about the mask (``final``: the evaluation mask, computed when not given)."""
+        final = self.final_mask() if final is None else final
         total = sum(m.numel() for m in final.values())
         return {"eval_mask": self.eval_mask, "temperature": self.temperature,
                 "eval_temperature": self.eval_temperature if self.eval_mask == "continuous" else None,
@@ -180,24 +165,13 @@ class ConcreteMask(nn.Module):
                 "kept_fraction": sum(float(m.sum()) for m in final.values()) / total,
                 "hard_kept_fraction": self.stats()["mask_hard_kept"]}
 
-    def save_artifacts(self, out_dir: str | Path, suffix: str = "", title: str = "Concrete mask") -> dict[str, Any]:
-        """Write ``mask{suffix}.safetensors`` (the evaluation mask) and, without suffix, ``mask_kept_fraction.png``.
-
-        Returns :meth:`describe` plus the file names (for ``method_info.mask``). Call on rank zero only.
-        """
-        out = Path(out_dir)
-        final, info = self.final_mask(), self.describe()
-        meta = {k: json.dumps(v) for k, v in info.items()}
-        info["file"] = save_mask(out / f"mask{suffix}.safetensors", final, meta).name
-        if not suffix:
-            hard = {n: hard_mask(x) for n, x in self.named_logits().items()}
-            info["plot"] = plot_kept_fraction(final, hard, out / "mask_kept_fraction.png",
-                                              title=f"{title} ({self.eval_mask} eval mask)").name
-        return info
-
 
 class ConcreteMergedEncoder(MergedEncoder):
-    """:class:`MergedEncoder` whose ``merge_and_unload`` uses the evaluation mask even in training mode."""
+    """:class:`MergedEncoder` over a :class:`ConcreteMask`: ``merge_and_unload`` uses the evaluation mask even in
+    training mode; bi-level training sees the mask logits as the outer variables and the inner λ as the inner ones;
+    :meth:`record` adds the evaluation mask and its logits."""
+
+    weighting: ConcreteMask
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
@@ -208,9 +182,20 @@ class ConcreteMergedEncoder(MergedEncoder):
         finally:
             self.weighting.train(was_training)
 
-    def artifacts(self, out_dir: str | Path, taskpool=None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
-        """``mask.safetensors`` + ``mask_kept_fraction.png`` in ``out_dir``; returns ``method_info.mask`` (rank 0)."""
-        return self.weighting.save_artifacts(out_dir)
+    def inner_parameters(self) -> list[nn.Parameter]:
+        return list(self.weighting.inner.parameters())
+
+    def outer_parameters(self) -> list[nn.Parameter]:
+        return list(self.weighting.logits)
+
+    def outer_detached(self) -> contextlib.AbstractContextManager:
+        return self.weighting.detached_mask()
+
+    def record(self) -> MergeRecord:
+        """:meth:`MergedEncoder.record` plus the evaluation mask, its summary and the logits by tensor name."""
+        final = self.weighting.final_mask()
+        logits = {n: x.detach().float() for n, x in self.weighting.named_logits().items()}
+        return replace(super().record(), mask=final, mask_logits=logits, mask_info=self.weighting.describe(final))
 
 
 def concrete_merge(base: nn.Module, task_vectors: Mapping[str, Tensor], init: float | Sequence[float] = 0.3,
@@ -225,7 +210,8 @@ def concrete_merge(base: nn.Module, task_vectors: Mapping[str, Tensor], init: fl
     """
     learn_coefficients = learn_coefficients or False  # YAML null / false
     if learn_coefficients not in LEARN_COEFFICIENTS:
-        raise ValueError(f"learn_coefficients must be one of {LEARN_COEFFICIENTS}, got {learn_coefficients!r}")
+        raise HyperparameterError(f"method.model.learn_coefficients must be one of {LEARN_COEFFICIENTS}, got "
+                                  f"{learn_coefficients!r}")
     k, n = num_tasks(task_vectors), len(task_vectors)
     inner = Coefficients(k, n if learn_coefficients == "layer_wise" else None, init, clamp)
     inner.lambdas.requires_grad_(bool(learn_coefficients))
@@ -235,72 +221,4 @@ def concrete_merge(base: nn.Module, task_vectors: Mapping[str, Tensor], init: fl
     return ConcreteMergedEncoder(base, task_vectors, weighting)
 
 
-def save_mask(path: str | Path, masks: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Save a mask ``{name: Tensor[*shape]}``: bit-packed ``uint8`` when binary, else float32 (exact).
-
-    The metadata records the format, the encoding, the tensor names and shapes, plus ``metadata``.
-    """
-    from fusion.utils import atomic_save_safetensors
-
-    binary = all(is_binary(m) for m in masks.values())
-    tensors = {n: pack_bits(m) if binary else m.detach().float() for n, m in masks.items()}
-    meta = {**(metadata or {}), "format": MASK_FORMAT, "encoding": "packbits" if binary else "float32",
-            "names": json.dumps(list(masks)), "shapes": json.dumps({n: list(m.shape) for n, m in masks.items()})}
-    return atomic_save_safetensors(path, tensors, meta)
-
-
-def load_mask(path: str | Path, task_vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A mask saved by :func:`save_mask`, checked against stacked task vectors ``{name: Tensor[K, *shape]}``.
-
-    Raises ``ValueError`` naming the tensor and both shapes when the mask does not fit the pool.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no mask file at {path} (written as mask.safetensors in a Concrete run's directory)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != MASK_FORMAT:
-            raise ValueError(f"{path} is not a Concrete mask file (metadata format={meta.get('format')!r})")
-        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
-        missing, extra = [n for n in task_vectors if n not in shapes], [n for n in shapes if n not in task_vectors]
-        if missing or extra:
-            raise ValueError(f"mask {path} does not match the pool: {len(missing)} pool tensors missing "
-                             f"(first {missing[:2]}), {len(extra)} unknown (first {extra[:2]})")
-        for name, t in task_vectors.items():
-            if shapes[name] != tuple(t.shape[1:]):
-                raise ValueError(f"mask {path}: tensor '{name}' has shape {shapes[name]} but the pool's parameter has "
-                                 f"shape {tuple(t.shape[1:])}; the mask was learned on a different architecture")
-        raw = {n: f.get_tensor(n) for n in task_vectors}
-    if meta["encoding"] == "packbits":
-        return {n: unpack_bits(raw[n], shapes[n]) for n in task_vectors}
-    return {n: raw[n].float().reshape(shapes[n]) for n in task_vectors}
-
-
-def plot_kept_fraction(final: Mapping[str, Tensor], hard: Mapping[str, Tensor], path: str | Path,
-                       title: str = "Concrete mask") -> Path:
-    """Bars: the mean of the evaluation mask per parameter tensor; dots: the fraction with ``σ(x) > 0.5``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fusion.report import save_figure
-
-    names = list(final)
-    fig, ax = plt.subplots(figsize=(min(24, 4 + 0.12 * len(names)), 3.5))
-    ax.bar(range(len(names)), [kept_fraction(final[n]) for n in names], label="eval mask mean")
-    ax.plot(range(len(names)), [kept_fraction(hard[n]) for n in names], "k.", label="σ(x) > 0.5")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("parameter tensor (model order)")
-    ax.set_ylabel("kept fraction")
-    if len(names) <= 40:
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.legend(loc="lower right", fontsize=7)
-    ax.set_title(title)
-    return save_figure(fig, path)
-
-
-__all__ = ["ConcreteMask", "ConcreteMergedEncoder", "NonFiniteLogitsError", "concrete_merge", "load_mask",
-           "mask_task_vectors", "plot_kept_fraction", "save_mask"]
+__all__ = ["ConcreteMask", "ConcreteMergedEncoder", "NonFiniteLogitsError", "concrete_merge", "mask_task_vectors"]

@@ -9,8 +9,8 @@ Contract (tests/test_contract.py): a static parametrization says :meth:`merge_an
 plain module whose outputs equal the wrapped model's; an input-dependent one (routers) refuses it.
 
 Under ``trainer=fsdp`` :meth:`MergedEncoder.shard_task_vectors` keeps only this rank's chunk of every task vector
-(:mod:`fusion.param.sharding`); the weighting must then say which part of it is elementwise in ``τ``
-(``elementwise_split()``).
+(:mod:`fusion.param.sharding`); the weighting (:class:`fusion.param.contract.Weighting`) then says which part of it
+is elementwise in ``τ`` (``elementwise_split()``).
 """
 from __future__ import annotations
 
@@ -22,16 +22,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fusion.merge.task_vectors import TaskVectors, num_tasks
-from fusion.param.sharding import ShardLayout, all_gather_rows, average_gradients_
-from fusion.utils import rank_and_world
+from fusion.param.contract import InputDependentError, MergeRecord, NotShardableError, ParametrizationBase, Weighting
+from fusion.param.sharding import ShardLayout, all_gather_rows, average_gradients_, rank_and_world
 
-
-class InputDependentError(TypeError):
-    """``merge_and_unload`` on a model whose weights depend on its input (a router)."""
-
-
-class NotShardableError(TypeError):
-    """``trainer=fsdp`` with a merge whose task vectors cannot be sharded."""
+__all__ = ["InputDependentError", "MergedEncoder", "NotShardableError", "freeze_"]
 
 
 def freeze_(module: nn.Module) -> nn.Module:
@@ -41,18 +35,17 @@ def freeze_(module: nn.Module) -> nn.Module:
     return module
 
 
-class MergedEncoder(nn.Module):
+class MergedEncoder(ParametrizationBase):
     """A frozen encoder whose parameters named in ``task_vectors`` are ``θ_0 + weighting(τ)``.
 
     Args:
         base: the pretrained encoder (frozen here, shared, not copied).
         task_vectors: stacked ``{name: Tensor[K, *shape]}``; names must be parameters of ``base``.
-        weighting: ``nn.Module`` mapping the task-vector dict to the update ``{name: Tensor[*shape]}``.
+        weighting: a :class:`fusion.param.contract.Weighting` (an ``nn.Module``): ``τ -> δ`` with ``stats()``,
+            ``coefficients()`` and ``elementwise_split()``.
     """
 
-    input_dependent = False
-
-    def __init__(self, base: nn.Module, task_vectors: Mapping[str, Tensor], weighting: nn.Module):
+    def __init__(self, base: nn.Module, task_vectors: Mapping[str, Tensor], weighting: Weighting):
         super().__init__()
         params = dict(base.named_parameters())
         unknown = [n for n in task_vectors if n not in params]
@@ -79,12 +72,7 @@ class MergedEncoder(nn.Module):
 
         Called by :class:`fusion.train.strategies.ShardedMergeStrategy` before the model moves to its device.
         """
-        split = getattr(self.weighting, "elementwise_split", None)
-        if split is None:
-            raise NotShardableError(f"trainer=fsdp shards the task vectors of merges that are elementwise in τ "
-                                    f"(coefficients, Concrete masks); {type(self.weighting).__name__} is not; "
-                                    "use trainer=ddp")
-        split()  # raises NotShardableError when this configuration of the weighting is not elementwise
+        self.weighting.elementwise_split()  # NotShardableError when this weighting is not elementwise in τ
         if self.sharding is not None:
             return self.sharding.describe(self.num_tasks)
         rank, world = rank_and_world(group)
@@ -128,8 +116,13 @@ class MergedEncoder(nn.Module):
 
     def stats(self) -> dict[str, float]:
         """Scalars to log about the trainable weighting (e.g. ``lambda_mean``)."""
-        stats = getattr(self.weighting, "stats", None)
-        return stats() if stats else {}
+        return self.weighting.stats()
+
+    def record(self) -> MergeRecord:
+        """The trainable parameters and the coefficients as used in the merge (``None`` if the weighting has none)."""
+        values = self.weighting.coefficients()
+        return MergeRecord(tensor_names=list(self.names), trainable=self.trainable_state(),
+                           coefficients=None if values is None else values.detach())
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:

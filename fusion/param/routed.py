@@ -12,33 +12,32 @@ WEMoE: unnormalised 2-layer router (:class:`~fusion.param.routers.WEMoERouter`);
 2410.21804): MLP task vectors magnitude-pruned per tensor to ``keep`` (0.1) and one router shared by all blocks;
 SMEAR (Muqeeth et al., TMLR 2024): softmax router over ``LN(mean_t x)`` with expert dropout and a learned global scale
 (:class:`~fusion.param.routers.SMEARRouter`). The routed model is input-dependent: ``merge_and_unload`` refuses,
-:func:`save_routed` / :func:`load_routed` export it. Per-sample merging without a loop: :func:`routers.routed_linear`.
+:meth:`RoutedEncoder.record` exports it (a run writes ``routed_model/``, :func:`routed_from_spec`
+rebuilds it). Per-sample merging without a loop: :func:`routers.routed_linear`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from fusion.merge.combine import combine
 from fusion.merge.sparsify import check_drop_rate, check_fraction
-from fusion.merge.task_vectors import TaskVectors, num_tasks
+from fusion.merge.task_vectors import HyperparameterError, TaskVectors, num_tasks
 from fusion.param.coefficients import initial_values
-from fusion.param.merged import InputDependentError, freeze_
+from fusion.param.contract import InputDependentError, MergeRecord, ParametrizationBase
+from fusion.param.merged import freeze_
 from fusion.param.routers import GlobalScale, SMEARRouter, WEMoERouter, check_depth, check_form, routed_linear
 
 MLP_PATTERN = r"(^|\.)(resblocks|layers)\.\d+\.mlp$"  # open_clip `transformer.resblocks.<i>.mlp`, HF `layers.<i>.mlp`
 LINEAR_PAIRS = (("c_fc", "c_proj"), ("fc1", "fc2"))
-CONFIG_FILE, ROUTERS_FILE = "routed_config.json", "routers.safetensors"
 
 
 def prune_per_tensor(tv: Mapping[str, Tensor], keep: float = 0.1) -> TaskVectors:
@@ -68,7 +67,7 @@ def find_mlps(model: nn.Module, pattern: str = MLP_PATTERN) -> dict[str, tuple[s
                     found[path] = (a, b)
     if not found:
         paths = [p for p, _ in model.named_modules() if p]
-        raise ValueError(
+        raise HyperparameterError(
             f"no transformer MLP blocks found in {type(model).__name__}: no module path matches mlp_pattern="
             f"{pattern!r} and has Linear children {' or '.join('/'.join(p) for p in LINEAR_PAIRS)}. Matching paths "
             f"without such children: {matched[:10]}; module paths seen: {paths[:30]}"
@@ -168,7 +167,7 @@ class RoutedMLP(nn.Module):
         return y if self.batch_first else y.transpose(0, 1)
 
 
-class RoutedEncoder(nn.Module):
+class RoutedEncoder(ParametrizationBase):
     """A deep copy of ``base`` with TA-merged frozen parameters and routed MLPs; only the routers train.
 
     Args:
@@ -177,7 +176,7 @@ class RoutedEncoder(nn.Module):
         make_router: ``dim -> router`` (called once per block, or once if ``shared_router``).
         init: ``λ_0`` for the task-arithmetic merge of the non-MLP parameters (float or one per task).
         keep: if set, the MLP task vectors are magnitude-pruned per tensor to this kept fraction.
-        spec: ``{"factory": dotted name, "kwargs": ...}`` that rebuilds this model (for :func:`load_routed`).
+        spec: ``{"factory": dotted name, "kwargs": ...}`` that rebuilds this model (for :func:`routed_from_spec`).
     """
 
     input_dependent = True
@@ -223,7 +222,7 @@ class RoutedEncoder(nn.Module):
         if not shared:
             return {p: make_router(d) for p, d in dims.items()}
         if len(set(dims.values())) > 1:
-            raise ValueError(f"shared_router needs every MLP to have the same input width; got {dims}")
+            raise HyperparameterError(f"shared_router needs every MLP to have the same input width; got {dims}")
         router = make_router(next(iter(dims.values())))
         return {p: router for p in dims}
 
@@ -244,8 +243,8 @@ class RoutedEncoder(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         raise InputDependentError(
             f"{type(self).__name__} routes every input to its own merged MLP weights θ_0 + Σ_k r_k(x) τ_k, so no "
-            "single static model exists: use the routed model itself as the encoder (in eval mode), and "
-            "fusion.param.routed.save_routed / load_routed to export and reload it")
+            "single static model exists: use the routed model itself as the encoder (in eval mode: export()); "
+            "a run writes it to routed_model/ (fusion.report.merge_files.read_routed reloads it)")
 
     @contextlib.contextmanager
     def collect_routing(self) -> Iterator[RoutingRecorder]:
@@ -272,15 +271,12 @@ class RoutedEncoder(nn.Module):
                 break
         return out
 
-    def artifacts(self, out_dir: str | Path, taskpool, tasks: Sequence[str]) -> dict[str, Path]:
-        """Write ``routing.png`` and ``routing.json`` (tasks × experts mean weights) and the routed model."""
-        out_dir = Path(out_dir)
-        matrix = routing_matrix(self, taskpool, tasks)
-        from fusion.utils import atomic_write_json
-
-        atomic_write_json(out_dir / "routing.json", {"tasks": list(tasks), "mean_routing_weight": matrix.tolist()})
-        return {"routing_plot": draw_routing(matrix, tasks, out_dir / "routing.png"),
-                "routed_model": save_routed(self, out_dir / "routed_model")}
+    def record(self) -> MergeRecord:
+        """The trainable routers and what rebuilds the routed model (:func:`routed_from_spec`)."""
+        return MergeRecord(tensor_names=[], trainable=self.trainable_state(),
+                           routers={n: p.detach() for n, p in self.router_state().items()},
+                           routed_spec={"format": 1, **self.spec, "num_experts": self.num_experts,
+                                        "blocks": self.block_paths})
 
 
 def _spec(name: str, **kwargs) -> dict:
@@ -331,91 +327,22 @@ def smear(base: nn.Module, task_vectors: Mapping[str, Tensor], init: float | Seq
                          keep=keep, batch_reduce=batch_reduce, mlp_pattern=mlp_pattern, form=form, spec=spec)
 
 
-def save_routed(model: RoutedEncoder, directory: str | Path) -> Path:
-    """Write the router weights (safetensors) and the construction config (JSON) to ``directory``."""
-    from fusion.utils import atomic_save_safetensors, atomic_write_json
-
-    directory = Path(directory)
-    atomic_save_safetensors(directory / ROUTERS_FILE, model.router_state(), {"format": "fusion-routed/1"})
-    atomic_write_json(directory / CONFIG_FILE, {"format": 1, **model.spec, "num_experts": model.num_experts,
-                                                "blocks": model.block_paths})
-    return directory
-
-
-def load_routed(directory: str | Path, base: nn.Module, task_vectors: Mapping[str, Tensor]) -> RoutedEncoder:
-    """Rebuild a model saved by :func:`save_routed` over ``base`` and the same task vectors; returned in eval mode."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    cfg = json.loads((directory / CONFIG_FILE).read_text())
-    module, _, name = cfg["factory"].rpartition(".")
+def routed_from_spec(spec: Mapping, base: nn.Module, task_vectors: Mapping[str, Tensor],
+                     routers: Mapping[str, Tensor], where: str = "routed model") -> RoutedEncoder:
+    """Rebuild a routed model from ``MergeRecord.routed_spec`` and its router weights over ``base`` and the same
+    task vectors; returned in eval mode (:func:`fusion.report.merge_files.read_routed` reads both from disk)."""
+    module, _, name = str(spec.get("factory")).rpartition(".")
     if module != __name__ or name not in ("wemoe", "sparse_wemoe", "smear"):
-        raise ValueError(f"{directory / CONFIG_FILE}: factory {cfg['factory']!r} is not a routed-merge factory")
-    if num_tasks(task_vectors) != cfg["num_experts"]:
-        raise ValueError(f"{directory} was saved with {cfg['num_experts']} experts but {num_tasks(task_vectors)} "
+        raise ValueError(f"{where}: factory {spec.get('factory')!r} is not a routed-merge factory")
+    if num_tasks(task_vectors) != spec["num_experts"]:
+        raise ValueError(f"{where} was saved with {spec['num_experts']} experts but {num_tasks(task_vectors)} "
                          "task vectors were given")
-    model = getattr(sys.modules[__name__], name)(base, task_vectors, **cfg["kwargs"])
-    saved, own = load_file(str(directory / ROUTERS_FILE)), model.router_state()
-    if set(saved) != set(own):
-        raise KeyError(f"{directory / ROUTERS_FILE}: router keys differ from the rebuilt model's: missing "
-                       f"{sorted(set(own) - set(saved))[:3]}, unexpected {sorted(set(saved) - set(own))[:3]}")
+    model = getattr(sys.modules[__name__], name)(base, task_vectors, **spec["kwargs"])
+    own = model.router_state()
+    if set(routers) != set(own):
+        raise KeyError(f"{where}: router keys differ from the rebuilt model's: missing "
+                       f"{sorted(set(own) - set(routers))[:3]}, unexpected {sorted(set(routers) - set(own))[:3]}")
     with torch.no_grad():
         for n, p in own.items():
-            p.copy_(saved[n])
+            p.copy_(routers[n])
     return model.eval()
-
-
-@torch.no_grad()
-def routing_matrix(model: RoutedEncoder, taskpool, tasks: Sequence[str], split: str = "test",
-                   batch_size: int = 256, max_images: int | None = 512) -> Tensor:
-    """``Tensor[len(tasks), K]``: the mean routing weight per expert over each task's ``split`` images (eval mode).
-
-    ``max_images``: only the first N images of each task (the splits are stored in a seeded random order, so this
-    is a random sample); a mean over 512 images is exact to ~0.01 and costs a fraction of a full extra pass of the
-    routed model (which runs K+1 MLP products per block). ``None`` reads every image.
-    """
-    from fusion.data.contract import iterate_batches
-
-    device, was_training = next(model.buffers()).device, model.training
-    model.eval()
-    rows = []
-    try:
-        with model.collect_routing() as rec:
-            for task in tasks:
-                rec.clear()
-                for x, _ in iterate_batches(taskpool.dataset(task, split), batch_size, max_images):
-                    model(x.to(device))
-                rows.append(rec.mean())
-    finally:
-        model.train(was_training)
-    return torch.stack(rows)
-
-
-def draw_routing(matrix: Tensor, tasks: Sequence[str], path: str | Path,
-                 experts: Sequence[str] | None = None) -> Path:
-    """Heatmap PNG of ``matrix [tasks, K]`` (rows: whose test data; columns: experts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fusion.report import save_figure
-
-    m = matrix.detach().float().cpu()
-    experts = list(experts or (tasks if len(tasks) == m.shape[1] else [f"expert {k}" for k in range(m.shape[1])]))
-    fig, ax = plt.subplots(figsize=(2 + 0.7 * m.shape[1], 1.5 + 0.5 * m.shape[0]))
-    im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis")
-    for (i, k), v in zip(((i, k) for i in range(m.shape[0]) for k in range(m.shape[1])), m.flatten().tolist()):
-        ax.text(k, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=7)
-    ax.set_xticks(range(m.shape[1]), experts, rotation=45, ha="right")
-    ax.set_yticks(range(m.shape[0]), tasks)
-    ax.set_xlabel("expert (task vector)")
-    ax.set_ylabel("test data of")
-    fig.colorbar(im, ax=ax, label="mean routing weight")
-    ax.set_title("mean routing weight r_k(x)")
-    return save_figure(fig, path)
-
-
-def routing_plot(model: RoutedEncoder, taskpool, tasks: Sequence[str], path: str | Path) -> Path:
-    """Mean routing weight per expert for each task's test data (tasks × experts heatmap, PNG)."""
-    return draw_routing(routing_matrix(model, taskpool, tasks), tasks, path)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusion.merge.sparsify import check_drop_rate
+from fusion.merge.task_vectors import HyperparameterError
 
 FORMS = ("auto", "experts", "weights")
 # per-sample weight elements the "weights" form builds at once: on CUDA 512 MiB of fp32; on CPU 4 MiB, so that a
@@ -45,13 +46,14 @@ ROUTER_INIT_STD = 0.01
 
 def check_depth(depth: int) -> None:
     if depth not in (0, 1, 2):
-        raise ValueError(f"router depth must be 0 (a constant vector: partial AdaMerging), 1 (linear d→K) or 2 "
-                         f"(d→d→K with ReLU, the WEMoE default); got {depth!r} (set method.model.depth)")
+        raise HyperparameterError(f"router depth must be 0 (a constant vector: partial AdaMerging), 1 (linear d→K) "
+                                  f"or 2 (d→d→K with ReLU, the WEMoE default); got {depth!r} (set method.model.depth)")
 
 
 def check_form(form: str) -> None:
     if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS} (how the per-sample routed linear is computed), got {form!r}")
+        raise HyperparameterError(f"form must be one of {FORMS} (how the per-sample routed linear is computed), "
+                                  f"got {form!r}")
 
 
 class WEMoERouter(nn.Module):

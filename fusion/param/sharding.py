@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fusion.utils import rank_and_world
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """This process's rank and its process group's size; ``(0, 1)`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
 
 
 def chunk_size(numel: int, world: int) -> int:

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusion.merge.task_vectors import PoolMismatchError, StateDict, TaskVectors
+from fusion.errors import CorruptFileError, MissingFileError
+from fusion.merge.task_vectors import PoolMismatchError, StateDict, TaskVectors, floating_dtype
 from fusion.pools.heads import ZeroShotHeads, class_embeddings
 from fusion.pools.pool import ModelPool
-from fusion.utils import atomic_save_safetensors, sha256_json
+from fusion.utils import atomic_save_safetensors, read_safetensors, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,8 @@ def resolve_path(source: str, cache_dir: Path, download: bool) -> Path:
         target = cache_dir / "checkpoints" / Path(source.split("?")[0]).name
         if not target.is_file():
             if not download:
-                raise FileNotFoundError(f"expert URL {source} is not in the cache ({target}); set "
-                                        "modelpool.download=true to fetch it, or download it there yourself")
+                raise MissingFileError(f"expert URL {source} is not in the cache ({target}); set "
+                                       "modelpool.download=true to fetch it, or download it there yourself")
             log.info("downloading %s -> %s", source, target)
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(source, str(target), progress=False)
@@ -112,8 +113,8 @@ def detect_format(source: str, path: Path) -> str:
         return "open_clip"
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return "hf"
-    raise FileNotFoundError(f"expert checkpoint {source} not found (looked at {path}); give a .safetensors/.pt "
-                            "path, an https:// URL or an HF model id (hf:org/name)")
+    raise MissingFileError(f"expert checkpoint {source} not found (looked at {path}); give a .safetensors/.pt "
+                           "path, an https:// URL or an HF model id (hf:org/name)")
 
 
 def load_state_file(path: Path) -> Mapping[str, Tensor]:
@@ -121,13 +122,13 @@ def load_state_file(path: Path) -> Mapping[str, Tensor]:
     import pickle
 
     if not path.is_file():
-        raise FileNotFoundError(f"expert checkpoint {path} does not exist")
+        raise MissingFileError(f"expert checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from fusion.utils import read_safetensors
-
         return read_safetensors(path)
     try:
         return _unwrap(torch.load(path, map_location="cpu", weights_only=True), str(path))
+    except (RuntimeError, EOFError) as e:  # a truncated or non-torch file
+        raise CorruptFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     except pickle.UnpicklingError as e:
         raise PoolMismatchError(f"{path}: torch.load(weights_only=True) refused it: "
                                 + CONVERT_HINT.format(src=path)) from e
@@ -184,11 +185,9 @@ def zero_shot_heads(clip_model: nn.Module, tokenizer, taskpool, cache_dir: str |
 
 
 def _cached_head(path: Path, compute, metadata: Mapping[str, str]) -> Tensor:
-    from safetensors.torch import load_file
-
     if path.is_file():
         log.debug("zero-shot head from %s", path)
-        return load_file(str(path))["head"]
+        return read_safetensors(path)["head"]
     head = compute()
     atomic_save_safetensors(path, {"head": head}, metadata)
     return head
@@ -292,7 +291,7 @@ def clip_pool(model: str, pretrained: str | None, experts: Mapping[str, str], ta
                             reference, src) for task, src in experts.items()}
     model_key = text_tower_key(model, pretrained, clip)
     heads = zero_shot_heads(clip, open_clip.get_tokenizer(model), taskpool, cache, model_key, tasks=list(experts))
-    dtype = getattr(torch, tv_dtype) if isinstance(tv_dtype, str) else tv_dtype
+    dtype = floating_dtype(tv_dtype, "modelpool.tv_dtype")
     manifest = {"name": name or f"{model}-{pretrained}", "model": model, "pretrained": pretrained,
                 "pretrained_visual": pretrained_visual, "tasks": list(experts), "heads_model_key": model_key,
                 "tv_dtype": str(dtype).removeprefix("torch.") if dtype else None,

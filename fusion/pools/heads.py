@@ -13,7 +13,10 @@ from torch import Tensor, nn
 
 
 class ZeroShotHeads(nn.Module):
-    """Per-task frozen class-embedding matrices ``[C_t, D]``; ``forward(features, task) -> logits [B, C_t]``."""
+    """Per-task frozen class-embedding matrices ``[C_t, D]``; ``forward(features, task) -> logits [B, C_t]``.
+
+    The :class:`fusion.pools.contract.Heads` of every pool.
+    """
 
     def __init__(self, heads: Mapping[str, Tensor], logit_scale: float):
         super().__init__()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusion.errors import MissingFileError
 from fusion.utils import atomic_save_safetensors, atomic_write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -66,8 +67,8 @@ def load_clip_dir(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing: not an open_clip local-dir model "
-                                    f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise MissingFileError(f"{directory / name} is missing: not an open_clip local-dir model "
+                                   f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     return open_clip.create_model(f"local-dir:{directory}")
 
 

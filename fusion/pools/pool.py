@@ -9,7 +9,6 @@ A pool on disk (written by :func:`save_pool`, read by :func:`load_pool`)::
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusion.errors import MissingFileError
 from fusion.merge.task_vectors import StateDict, TaskVectors, check_finite, stack_task_vectors, validate_compatible
 from fusion.pools.heads import ZeroShotHeads
 from fusion.pools.openclip import copy_with_state, freeze, load_clip_dir, save_clip_dir
-from fusion.utils import atomic_save_safetensors, atomic_write_json, read_safetensors, sha256_json
+from fusion.utils import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[st
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} is missing: {directory} is not a complete fusion model pool "
-                                "(a build may have been interrupted; rebuild it)")
-    manifest = json.loads(manifest_path.read_text())
+        raise MissingFileError(f"{manifest_path} is missing: {directory} is not a complete fusion model pool "
+                               "(a build may have been interrupted; rebuild it)")
+    manifest = read_json(manifest_path)
     clip = load_clip_dir(directory / "pretrained")
     heads_path = directory / "heads.safetensors"
     logit_scale = float(read_safetensors(heads_path, metadata=True)["logit_scale"])
@@ -149,8 +149,8 @@ def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[st
     for task in order:
         path = directory / "experts" / f"{task}.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"expert for task '{task}' not found at {path}; available: "
-                                    f"{sorted(p.stem for p in (directory / 'experts').glob('*.safetensors'))}")
+            raise MissingFileError(f"expert for task '{task}' not found at {path}; available: "
+                                   f"{sorted(p.stem for p in (directory / 'experts').glob('*.safetensors'))}")
         experts[task], sources[task] = read_safetensors(path), str(path)
     return ModelPool(name or manifest.get("name", directory.name), clip.visual, experts, heads, manifest, sources,
                      str(directory / "pretrained"))

@@ -10,8 +10,11 @@ The outer variable is the mask logits ``x``, the inner one the merge coefficient
    second half of the batches and step the outer optimizer (Adam, lr 1e-3) on ``x``.
 
 No gradient flows through the inner update (first-order). Both steps call :meth:`MergeTraining.task_losses`, the
-per-task forward/backward of the one loop. The weighting must offer ``outer_parameters()``,
-``inner_parameters()`` and a ``detached_mask()`` context (:class:`fusion.param.concrete.ConcreteMask`).
+per-task forward/backward of the one loop. The parametrization's declared ``inner_parameters()``,
+``outer_parameters()`` and ``outer_detached()`` (:class:`fusion.param.contract.Parametrization`) name the two
+variables; :class:`fusion.param.concrete.ConcreteMergedEncoder` gives λ and the mask logits. Each step reads two
+batches per task (inner and outer): the DataModule draws them as one batch of ``2 × method.data.batch_size``
+(:attr:`BilevelTraining.batches_per_step`), split in half here.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fusion.param.contract import Parametrization
 from fusion.train.module import MergeTraining, NonFiniteLossError
+from fusion.train.objectives import Objective
 
 Batch = Mapping[str, tuple[Tensor, Tensor | None]]
 
@@ -32,8 +37,7 @@ def split_batch(batch: Batch) -> tuple[dict, dict]:
     for task, (images, labels) in batch.items():
         if len(images) < 2:
             raise ValueError(f"bi-level training splits each task's batch into an inner and an outer half, but "
-                             f"task '{task}' has {len(images)} image(s); set method.data.batch_size to 2 × the "
-                             "per-step batch")
+                             f"task '{task}' has {len(images)} image(s)")
         h = len(images) // 2
         inner[task] = (images[:h], None if labels is None else labels[:h])
         outer[task] = (images[h:], None if labels is None else labels[h:])
@@ -63,7 +67,7 @@ def refuse_ddp_wrapper(strategy) -> None:
     """A clear error under torch's DDP wrapper, which cannot reduce two backward passes over different parameters."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+    if isinstance(strategy.model, DistributedDataParallel):
         raise RuntimeError("bi-level training (Concrete AdaMerging) runs two backward passes over different parameters "
                            "per step (λ, then the mask logits), which the DDP wrapper cannot reduce; use trainer=fsdp "
                            "(the same data parallelism; the merge reduces its gradients itself, once per pass)")
@@ -81,23 +85,28 @@ class BilevelTraining(MergeTraining):
             as the reference code does (its ``λ`` is reset but its Adam state is not).
     """
 
-    def __init__(self, model: nn.Module, heads: nn.Module, objective: Callable, optimizer: Callable,
+    batches_per_step = 2  # the inner and the outer batch
+
+    def __init__(self, model: Parametrization, heads: nn.Module, objective: Objective, optimizer: Callable,
                  inner_optimizer: Callable, scheduler: Callable | None = None, persistent_inner: bool = False):
         super().__init__(model, heads, objective, optimizer, scheduler)
         self.inner_optimizer_factory, self.persistent_inner = inner_optimizer, persistent_inner
-        self._inner_params = [p for p in self.model.weighting.inner_parameters() if p.requires_grad]
+        self._inner_params = [p for p in self.model.inner_parameters() if p.requires_grad]
         self.inner_init = [p.detach().clone() for p in self._inner_params]
         if not self.inner_init:
-            raise ValueError("bi-level training needs learnable inner coefficients "
-                             "(model.learn_coefficients=task_wise or layer_wise)")
+            raise ValueError(f"bi-level training needs learnable inner variables, but {type(model).__name__} "
+                             "declares none (Concrete: method.phase1.model.learn_coefficients=task_wise or layer_wise)")
         self._inner_opt: torch.optim.Optimizer | None = None
 
     def on_fit_start(self) -> None:
         refuse_ddp_wrapper(self.trainer.strategy)
 
+    def describe(self) -> dict[str, object]:
+        return {"persistent_inner_optimizer": self.persistent_inner}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The outer variables (mask logits): what the configured optimizer steps."""
-        return [p for p in self.model.weighting.outer_parameters() if p.requires_grad]
+        return [p for p in self.model.outer_parameters() if p.requires_grad]
 
     def inner_parameters(self) -> list[nn.Parameter]:
         """The inner variables (λ), fixed when the module is built."""
@@ -120,7 +129,7 @@ class BilevelTraining(MergeTraining):
             p.grad = None
         opt = self.inner_optimizer()
         opt.zero_grad(set_to_none=True)
-        with self.model.weighting.detached_mask():
+        with self.model.outer_detached():
             losses = self.task_losses(batch)
         check_gradients(self.inner_parameters(), "inner (λ)", self.global_step)
         opt.step()

@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from fusion.data.contract import check_task_dataset
-from fusion.utils import rank_and_world
+from fusion.errors import ConfigError
+from fusion.param.sharding import rank_and_world
 
 
 def index_stream(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -44,7 +45,8 @@ class MultiTaskStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, tuple[Tensor, Tensor | None]]]:
         rank, world = rank_and_world()
         if self.batch_size % world:
-            raise ValueError(f"data.batch_size={self.batch_size} must be divisible by the number of ranks ({world})")
+            raise ConfigError(f"each step's batch of {self.batch_size} images per task (method.data.batch_size × the "
+                              f"loop's batches per step) must be divisible by the number of ranks ({world})")
         per_rank = self.batch_size // world
         device = rank_device(self.device)
         datasets = {t: ds.to(device) for t, ds in self.datasets.items()} if device is not None else self.datasets
@@ -77,19 +79,21 @@ class MultiTaskDataModule(pl.LightningDataModule):
     """One batch per task per step from ``split`` of a task pool (``labeled=False``: images only).
 
     ``device``: where batches are made (the method passes the run's device); ``resident``: keep each split's
-    decoded images on that device (``false``: index them on the host and copy each batch).
+    decoded images on that device (``false``: index them on the host and copy each batch). ``batches_per_step``:
+    the training loop's (bi-level: 2), passed by the runner; each step's batch then holds that many batches of
+    ``batch_size`` per task, drawn as one.
     """
 
     def __init__(self, taskpool, tasks: Sequence[str] | None = None, split: str = "test", batch_size: int = 16,
                  labeled: bool = False, seed: int = 0, device: str | torch.device | None = None,
-                 resident: bool = True):
+                 resident: bool = True, batches_per_step: int = 1):
         super().__init__()
-        self.taskpool, self.split, self.batch_size = taskpool, split, batch_size
+        self.taskpool, self.split, self.batch_size = taskpool, split, batch_size * batches_per_step
         self.tasks = list(tasks or taskpool.tasks)
         self.labeled, self.seed, self.start = labeled, seed, 0
         self.device, self.resident = device, resident
         if not self.tasks:
-            raise ValueError("MultiTaskDataModule needs at least one task")
+            raise ConfigError("MultiTaskDataModule needs at least one task")
 
     def stream(self) -> MultiTaskStream:
         datasets = {t: check_task_dataset(self.taskpool.dataset(t, self.split), f"task '{t}' ({self.split})")

@@ -23,13 +23,20 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from fusion.train.objectives import objective_name
+from fusion.param.contract import Parametrization
+from fusion.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A training loss or gradient became NaN/inf; the last good parameters are kept."""
+    """A training loss or gradient became NaN/inf; the last good parameters are kept.
+
+    ``records``: what the runner recorded of the last good parameters (``{info key: MergeRecord}``), which the
+    report writes with the suffix ``.last_good`` before the error propagates.
+    """
+
+    records: dict = {}
 
 
 def backward_through_state(state: Mapping[str, Tensor], leaves: Mapping[str, Tensor], backward: Callable) -> None:
@@ -43,24 +50,30 @@ class MergeTraining(pl.LightningModule):
     """Trains ``model`` (a merged encoder) through frozen ``heads`` with ``objective`` on multi-task batches.
 
     Args:
-        model: a merged encoder with ``prepare() -> state`` and ``forward(images, state)``.
-        heads: frozen ``(features, task) -> logits``.
-        objective: ``(logits, labels | None) -> scalar``.
+        model: a :class:`fusion.param.contract.Parametrization`.
+        heads: frozen ``(features, task) -> logits`` (:class:`fusion.pools.heads.Heads`).
+        objective: a :class:`fusion.train.objectives.Objective`.
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_``).
         scheduler: optional ``optimizer -> LRScheduler`` stepped every optimizer step.
     """
 
-    def __init__(self, model: nn.Module, heads: nn.Module, objective: Callable, optimizer: Callable,
+    batches_per_step = 1  # multi-task batches read per optimizer step (the DataModule draws them as one)
+
+    def __init__(self, model: Parametrization, heads: nn.Module, objective: Objective, optimizer: Callable,
                  scheduler: Callable | None = None):
         super().__init__()
         self.model, self.heads = model, heads
         self.objective, self.optimizer_factory, self.scheduler_factory = objective, optimizer, scheduler
-        self.loss_name = objective_name(objective)
+        self.loss_name = objective.name
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable parameters (see on_save_checkpoint)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def describe(self) -> dict[str, object]:
+        """What results.json records about the loop beyond the runner's own keys (bi-level: its inner optimizer)."""
+        return {}
 
     def trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
@@ -96,9 +109,7 @@ class MergeTraining(pl.LightningModule):
             self.manual_backward(loss)
             losses[task] = loss.detach()
         backward_through_state(state, leaves, self.manual_backward)
-        reduce = getattr(self.model, "reduce_gradients_", None)  # sharded task vectors (trainer=fsdp): partial sums
-        if reduce is not None:
-            reduce()
+        self.model.reduce_gradients_()  # sharded task vectors (trainer=fsdp): each rank holds a partial sum
         return losses
 
     def training_step(self, batch: Mapping[str, tuple[Tensor, Tensor | None]], batch_idx: int) -> Tensor:
@@ -115,8 +126,7 @@ class MergeTraining(pl.LightningModule):
         for task, loss in losses.items():
             self.log(f"train/{self.loss_name}/{task}", loss)
         if self.trainer._logger_connector.should_update_logs:  # stats read the device: only on the steps logged
-            stats = getattr(self.model, "stats", None)
-            for key, value in (stats() if stats else {}).items():
+            for key, value in self.model.stats().items():
                 if math.isfinite(value):
                     self.log(f"train/{key}", value)
         return total

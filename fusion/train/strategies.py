@@ -13,20 +13,15 @@ import logging
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import DDPStrategy
 
-from fusion.param.merged import NotShardableError
+from fusion.train.module import MergeTraining
 
 log = logging.getLogger(__name__)
 
 
-def shard_merge(module: pl.LightningModule) -> dict[str, int]:
-    """Shard the task vectors of ``module.model`` (in place); a clear error for merges that cannot be sharded."""
-    model = getattr(module, "model", None)
-    shard = getattr(model, "shard_task_vectors", None)
-    if shard is None:
-        raise NotShardableError(f"trainer=fsdp shards the task vectors of coefficient and Concrete merges; "
-                                f"{type(model).__name__} (routed merges keep whole experts per sample) cannot be "
-                                "sharded: use trainer=ddp (and method.tv_dtype=bfloat16 to halve the task vectors)")
-    return shard()
+def shard_merge(module: MergeTraining) -> dict[str, int]:
+    """Shard the task vectors of ``module.model`` (in place); merges that cannot be sharded (routed merges keep
+    whole experts per sample) raise :class:`fusion.param.contract.NotShardableError` naming trainer=ddp."""
+    return module.model.shard_task_vectors()
 
 
 class ShardedMergeStrategy(DDPStrategy):
