@@ -119,8 +119,7 @@ class EtaLog:
     ``total``: the job's size in any unit (images, optimizer steps); each :meth:`advance` logs what finished, the
     fraction done and the time left at the average rate so far::
 
-        eta = EtaLog(400 + sum(finetune_steps.values()), "mini8 pool build")
-        ...pretrain...;  eta.advance(400, "pretraining")
+        eta = EtaLog(sum(finetune_steps.values()), "mini8 experts")
         for task in tasks: ...fine-tune...;  eta.advance(finetune_steps[task], f"expert {task}")
     """
 

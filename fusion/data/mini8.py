@@ -14,7 +14,9 @@ import argparse
 import io
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -346,9 +348,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        fetch=args.fetch, strict=args.strict)
     _print_summary(root, time.perf_counter() - start)
     if args.pretrain:
+        from fusion.errors import user_error_types
         from fusion.pools.mini8_pretrain import rebuild_release
 
-        print(rebuild_release(args.out, args.recipe, args.device))
+        try:
+            print(rebuild_release(args.out, args.recipe, args.device))
+        except user_error_types() as err:
+            if os.environ.get("FUSION_DEBUG"):
+                raise
+            print(f"fusion-build-mini8: error: {err}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 2
     return 0
 
 

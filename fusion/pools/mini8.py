@@ -8,7 +8,6 @@ rebuilt only when the recipe, the base or the data change.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -18,13 +17,14 @@ from typing import Any
 import torch
 
 from fusion.data.cache import default_cache_dir
+from fusion.errors import MissingFileError
 from fusion.evaluate import evaluate, summarize
 from fusion.pools import mini8_build as build
 from fusion.pools.diagnostics import pool_diagnostics
 from fusion.pools.mini8_base import RELEASE_DIR, load_base, read_card
 from fusion.pools.openclip import CONFIG_NAME
 from fusion.pools.pool import ModelPool, load_pool, save_pool
-from fusion.utils import atomic_write_json, configure_threads, sha256_file, sha256_json
+from fusion.utils import EtaLog, atomic_write_json, configure_threads, read_json, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def build_pool(out_dir: Path, taskpool, recipe: Mapping[str, Any], data_manifest
                 "recipe": dict(recipe), "data_version": data_manifest["version"],
                 "base": {"name": card["name"], "sha256": card["sha256"]}}
     return finetune_pool(load_base(base), open_clip.get_tokenizer(f"local-dir:{base}"),
-                         json.loads((base / CONFIG_NAME).read_text())["model_cfg"], out_dir, taskpool, recipe,
+                         read_json(base / CONFIG_NAME)["model_cfg"], out_dir, taskpool, recipe,
                          manifest, accelerator)
 
 
@@ -71,17 +71,18 @@ def finetune_pool(clip, tokenize, model_cfg: Mapping[str, Any], out_dir: Path, t
     heads = build.zero_shot_heads(clip, taskpool, tokenize, recipe["logit_scale"])
     encoder = clip.visual.eval()
     experts = {}
+    eta = EtaLog(sum(int(ft["steps"][t]) for t in taskpool.tasks), "mini8 experts", log)
     for i, task in enumerate(taskpool.tasks):
-        log.info("fine-tuning expert %s (%d/%d, %d steps; %.0f s so far)", task, i + 1, len(taskpool.tasks),
-                 ft["steps"][task], time.time() - start)
         experts[task] = build.finetune_expert(
             encoder, heads, taskpool, task, steps=int(ft["steps"][task]), batch_size=ft["batch_size"], lr=ft["lr"],
             weight_decay=ft["weight_decay"], warmup=ft["warmup"], augment=ft["augment"], seed=seed + 1 + i,
             accelerator=accelerator, layer_decay=float(ft.get("layer_decay", 1.0)))
+        eta.advance(int(ft["steps"][task]), f"expert {task} ({i + 1}/{len(taskpool.tasks)})")
     manifest = {**manifest, "seed": seed, "tasks": taskpool.tasks, "logit_scale": heads.logit_scale}
     save_pool(out_dir, clip, dict(model_cfg), experts, heads, manifest)
     manifest["experts_seconds"] = round(time.time() - start, 1)
     pool = load_pool(out_dir)
+    log.info("measuring the pool: zero-shot and experts on val and test, alpha curves, entropy thirds")
     manifest.update(pool_report(pool, taskpool, "cuda" if accelerator == "gpu" else "cpu"))
     manifest["build_seconds"] = round(time.time() - start, 1)
     manifest["files"] = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*.safetensors"))}
@@ -128,12 +129,12 @@ def mini8_pool(recipe: Mapping[str, Any], root: str | None = None, build_if_miss
 
     data_manifest = read_manifest(data_root or default_root())
     if data_manifest is None:
-        raise FileNotFoundError("the mini8 data is not built; run `fusion-build-mini8 --fetch` first")
+        raise MissingFileError("the mini8 data is not built; run `fusion-build-mini8 --fetch` first")
     out_dir = Path(root) if root else default_cache_dir() / "pools" / f"mini8-{pool_key(recipe, data_manifest['version'])}"
     if not (out_dir / "manifest.json").is_file():
         if not build_if_missing:
-            raise FileNotFoundError(f"no mini8 pool at {out_dir} for this recipe; run `fusion` with "
-                                    "modelpool.build_if_missing=true (about 14 minutes on 2 cores)")
+            raise MissingFileError(f"no mini8 pool at {out_dir} for this recipe; run `fusion` with "
+                                    "modelpool.build_if_missing=true (about 8 minutes on 2 CPU cores)")
         log.info("building the mini8 pool into %s (once; cached)", out_dir)
         build_pool(out_dir, taskpool or mini8_taskpool(), recipe, data_manifest)
     return load_pool(out_dir, name="mini8", tasks=tasks)

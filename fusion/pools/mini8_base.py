@@ -8,7 +8,6 @@ whether the hash matches; the pool build (:mod:`fusion.pools.mini8`) only derive
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import torch
 from torch import nn
 
 from fusion.pools.openclip import CONFIG_NAME, WEIGHTS_NAME, load_clip_dir
-from fusion.utils import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, sha256_file
+from fusion.errors import MissingFileError, UserError
+from fusion.utils import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 RELEASE_DIR = Path(__file__).resolve().parents[1] / "assets" / "mini8_clip"
 CARD = "card.json"
@@ -25,16 +25,17 @@ CARD_MD = "MODEL_CARD.md"
 RELEASE_NAME = "mini8-clip-v4"
 
 
-class BaseReleaseError(ValueError):
+class BaseReleaseError(UserError, ValueError):
     """The shipped (or given) mini8 CLIP does not match its model card."""
 
 
 def read_card(directory: str | Path = RELEASE_DIR) -> dict[str, Any]:
     path = Path(directory) / CARD
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {directory} is not a mini8 CLIP release (rebuild it with "
-                                "`fusion-build-mini8 --pretrain --out DIR`)")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"{path} is missing: {directory} is not a mini8 CLIP release (rebuild it with "
+                               "`fusion-build-mini8 --pretrain --out DIR`, or set modelpool.recipe.base=null for "
+                               "the shipped one)")
+    return read_json(path)
 
 
 def verify_release(directory: str | Path = RELEASE_DIR) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def verify_release(directory: str | Path = RELEASE_DIR) -> dict[str, Any]:
     card = read_card(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing (a git checkout without the file? `git lfs` is not used: "
+        raise MissingFileError(f"{weights} is missing (a git checkout without the file? `git lfs` is not used: "
                                 "the file is committed as it is)")
     digest = sha256_file(weights)
     if digest != card["sha256"]:

@@ -285,17 +285,16 @@ def rebuild_release(out_dir: str | Path | None = None, recipe_file: str | Path |
                     device: str = "auto") -> str:
     """``fusion-build-mini8 --pretrain``: pretrain from a recipe (default: the shipped card's), release into
     ``out_dir`` (default ``<cache>/mini8-clip/<recipe hash>``, resumable there) and say how its hash compares."""
-    import json
-
     from fusion.data.cache import default_cache_dir
+    from fusion.errors import MissingFileError
     from fusion.pools.mini8_base import CARD, RELEASE_DIR, read_card
-    from fusion.utils import configure_threads, resolve_device, sha256_json
+    from fusion.utils import configure_threads, read_json, resolve_device, sha256_json
 
     configure_threads()
     shipped = read_card() if (RELEASE_DIR / CARD).is_file() else None
     if recipe_file is None and shipped is None:
-        raise FileNotFoundError(f"no shipped release at {RELEASE_DIR} to take the recipe from: pass --recipe FILE")
-    recipe = json.loads(Path(recipe_file).read_text()) if recipe_file else shipped["recipe"]
+        raise MissingFileError(f"no shipped release at {RELEASE_DIR} to take the recipe from: pass --recipe FILE")
+    recipe = read_json(recipe_file) if recipe_file else shipped["recipe"]
     key = sha256_json(recipe)[:12]
     out = Path(out_dir) if out_dir else default_cache_dir() / "mini8-clip" / key
     card = pretrain_base(recipe, out, work_dir=out / "work", device=str(resolve_device(device, "--device")))
