@@ -35,7 +35,7 @@ def composed(*overrides: str):
 def test_every_readme_row_with_overrides_has_its_experiment():
     rows = json.loads((ROOT / "benchmarks" / "results" / "mini8.json").read_text())
     variants = {spec for spec in rows if " " in spec}
-    assert len(variants) >= 10
+    assert variants  # the composition rows
     assert sorted(row_of(e) for e in EXPERIMENTS) == sorted(variants)
 
 
