@@ -1,6 +1,6 @@
 """Run methods on mini8 one after another and write the README's results table.
 
-    python benchmarks/mini8_table.py                       # every method with its default config
+    python benchmarks/mini8_table.py                       # every README row: each method, each experiment
     python benchmarks/mini8_table.py ties adamerging_layer_wise "adamerging_layer_wise method/init=task_arithmetic"
     python benchmarks/mini8_table.py --threads 1 dare pcb  # torch threads per run (not part of the row's name)
     python benchmarks/mini8_table.py --table-only          # rewrite mini8.md from mini8.json
@@ -29,9 +29,14 @@ from fusion.app import train  # noqa: E402
 from fusion.report.tables import format_table  # noqa: E402
 from fusion.utils import atomic_write_bytes, atomic_write_json  # noqa: E402
 
-DEFAULT = ["simple_average", "task_arithmetic", "ties", "dare", "della", "consensus", "lines", "iso_c", "iso_cts",
-           "pcb", "fisher_merging", "regmean", "opcm", "adamerging_task_wise", "adamerging_layer_wise",
-           "adamerging_pp_task_wise", "adamerging_pp_layer_wise"]
+
+
+def readme_rows() -> list[str]:
+    """Every README row: each conf/method/ config at its defaults, then the row each conf/experiment/ file names
+    in its ``# README row:`` line (``fusion experiment=<file>`` runs the same config)."""
+    methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    experiments = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
+    return methods + [re.search(r"^# README row: (.+)$", p.read_text(), re.M).group(1).strip() for p in experiments]
 
 
 def slug(spec: str) -> str:
@@ -73,7 +78,7 @@ def main(argv: list[str]) -> None:
         i = argv.index("--threads")
         threads, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
     table_only = "--table-only" in argv
-    specs = [] if table_only else ([a for a in argv if a != "--table-only"] or DEFAULT)
+    specs = [] if table_only else ([a for a in argv if a != "--table-only"] or readme_rows())
     table_path = out_root / "mini8.json"
     for spec in specs:
         res = run(spec, out_root, threads)
