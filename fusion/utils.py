@@ -222,8 +222,19 @@ class ThirdPartyNoise(logging.Filter):
         return True
 
 
+THIRD_PARTY_WARNINGS = (  # (message regex, module regex) of warnings that say nothing to a fusion user
+    (r".*isinstance\(treespec, LeafSpec\)", r"pytorch_lightning"),  # Lightning's use of a deprecated torch API
+    (r"Found \d+ module\(s\) in eval mode", r"pytorch_lightning"),  # the frozen experts are in eval mode on purpose
+)
+
+
 def quiet_third_party() -> None:
-    """Install :class:`ThirdPartyNoise` on the handlers of the root, Lightning and Fabric loggers (once)."""
+    """Install :class:`ThirdPartyNoise` on the handlers of the root, Lightning and Fabric loggers (once) and ignore
+    the third-party warnings of :data:`THIRD_PARTY_WARNINGS`."""
+    import warnings
+
+    for message, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
     for name in (None, "pytorch_lightning", "lightning_fabric"):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, ThirdPartyNoise) for f in handler.filters):

@@ -108,3 +108,21 @@ def test_static_reference_rows_are_cached_per_pool_task_pool_and_config(tiny_poo
     other = reference_rows(tiny_pool, tiny_taskpool, fingerprint, ctx,
                            {"ta": (Counted(partial(task_arithmetic, lam=0.1)), {"lam": 0.1})})
     assert runs == [0.5, 0.1] and other["ta"]["per_task"] != rows["ta"]["per_task"]  # another config: measured
+
+
+def test_third_party_warnings_that_say_nothing_to_a_user_are_ignored_others_are_not():
+    import warnings
+
+    from fusion.utils import quiet_third_party
+
+    def warn(message: str, module: str) -> None:
+        warnings.warn_explicit(message, UserWarning, f"{module.replace('.', '/')}.py", 1, module=module)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", "pytorch_lightning.utilities._pytree")
+        warn("Found 95 module(s) in eval mode at the start of training.", "pytorch_lightning.loops.fit_loop")
+        warn("Found 95 module(s) in eval mode at the start of training.", "fusion.train.module")  # not Lightning's
+        warn("The dataloader does not have many workers", "pytorch_lightning.trainer.connectors.data_connector")
+    assert [str(w.message)[:20] for w in caught] == ["Found 95 module(s) i", "The dataloader does "]

@@ -257,7 +257,7 @@ def build_mini8(
     names = _check_tasks(tasks)
     manifest = read_manifest(root)
     if _is_built(manifest, root, seed, subset, names):
-        log.info("mini8 already built at %s", root)
+        log.debug("mini8 already built at %s", root)
         return root
     if fetch:
         fetch_sources(cache_dir, allow_install=True, tasks=names)
