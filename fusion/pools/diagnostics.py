@@ -18,6 +18,7 @@ from fusion.data.contract import iterate_batches
 from fusion.merge.combine import combine
 from fusion.merge.task_vectors import add_delta
 from fusion.pools.openclip import copy_with_state, freeze
+from fusion.train.objectives import sample_entropy
 
 
 @torch.no_grad()
@@ -31,15 +32,9 @@ def predictions(encoder, heads, dataset, task: str, batch_size: int = 512) -> tu
     return torch.cat(logits), torch.cat(labels)
 
 
-def per_sample_entropy(logits: Tensor) -> Tensor:
-    """``[N]``: ``−Σ_c p_c log p_c`` of each row's softmax."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def thirds_by_entropy(logits: Tensor, labels: Tensor) -> dict[str, float]:
     """Accuracy of the lowest- and highest-entropy thirds of the predictions, and the mean entropy."""
-    h = per_sample_entropy(logits)
+    h = sample_entropy(logits)
     order = h.argsort(stable=True)
     n = len(order) // 3
     correct = (logits.argmax(-1) == labels).float()

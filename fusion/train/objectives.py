@@ -27,10 +27,15 @@ class Objective(Protocol):
         """A scalar loss of ``logits [B, C]`` (``labels [B]``, or ``None`` on unlabeled data)."""
 
 
+def sample_entropy(logits: Tensor) -> Tensor:
+    """``[N]``: the Shannon entropy ``−Σ_c p_c log p_c`` of each row's ``softmax(logits)``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def entropy(logits: Tensor, labels: Tensor | None = None) -> Tensor:
     """Mean Shannon entropy of ``softmax(logits)``; ``labels`` are ignored (unsupervised)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+    return sample_entropy(logits).mean()
 
 
 def cross_entropy(logits: Tensor, labels: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
