@@ -39,6 +39,11 @@ def readme_rows() -> list[str]:
     return methods + [re.search(r"^# README row: (.+)$", p.read_text(), re.M).group(1).strip() for p in experiments]
 
 
+def row_label(spec: str, row: dict) -> str:
+    """The table's name of a row: the spec, marked when the method needs the task id at inference (not one model)."""
+    return f"{spec} (task id at inference)" if row.get("inference") == "task id" else spec
+
+
 def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.replace(" ", "__"))[:120]
 
@@ -84,7 +89,8 @@ def main(argv: list[str]) -> None:
         res = run(spec, out_root, threads)
         row = {"per_task": res["per_task"], "mean_accuracy": res["mean_accuracy"], "protocol": res["protocol"],
                "method_info": res["method_info"], "seconds": res["bench_seconds"], "threads": threads,
-               "reference": res["reference"], "pool_hash": res["pool_hash"]}
+               "reference": res["reference"], "pool_hash": res["pool_hash"], "inference": res["inference"],
+               "normalized_accuracy": res["normalized_accuracy"]}
         with locked(table_path):
             rows = read_rows(table_path)
             rows[spec] = row
@@ -102,7 +108,7 @@ def main(argv: list[str]) -> None:
     first = next(iter(rows.values()))
     tasks = list(first["per_task"])
     table = {"pretrained (zero-shot)": first["reference"]["pretrained"]["per_task"]}
-    table.update({spec: r["per_task"] for spec, r in rows.items()})
+    table.update({row_label(spec, r): r["per_task"] for spec, r in rows.items()})
     table["individual experts"] = first["reference"]["individual"]["per_task"]
     atomic_write_bytes(out_root / "mini8.md", (format_table(table, tasks) + "\n").encode())
     print(format_table(table, tasks))

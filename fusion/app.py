@@ -25,7 +25,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fusion.data.contract import check_task_pool
 from fusion.errors import ConfigError
-from fusion.evaluate import summarize
+from fusion.evaluate import normalized_accuracy, summarize
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.contract import check_model_pool
 from fusion.reference import reference_rows
@@ -186,10 +186,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             outcome.info[key] = described
     merged = summarize(ctx.evaluate(outcome.encoder, pool.heads, taskpool, "test"))
     fingerprint = taskpool.fingerprint()
+    reference = reference_rows(pool, taskpool, fingerprint, ctx, static_references(cfg))
     results = {
         "method": name, "modelpool": pool.name, "taskpool": taskpool.name, "taskpool_fingerprint": fingerprint,
-        **merged, "reference": reference_rows(pool, taskpool, fingerprint, ctx, static_references(cfg)),
-        "protocol": outcome.protocol, "seed": int(cfg.seed), "pool_hash": pool.pool_hash, "device": str(device),
+        **merged, "normalized_accuracy": normalized_accuracy(merged["per_task"], reference["individual"]["per_task"]),
+        "reference": reference, "inference": outcome.inference, "protocol": outcome.protocol, "seed": int(cfg.seed),
+        "pool_hash": pool.pool_hash, "device": str(device),
         "method_info": outcome.info, "wall_time_s": round(time.time() - start, 2),
         "config": OmegaConf.to_container(cfg, resolve=False),
     }

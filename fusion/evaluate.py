@@ -1,7 +1,7 @@
 """Per-task accuracy of an encoder + frozen heads on a task pool split (torchmetrics), on the run's device."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +32,14 @@ def task_accuracy(encoder: Encoder, heads, dataset, task: str, *, batch_size: in
     return float(metric.compute())
 
 
-def evaluate(encoder: Encoder | dict[str, Encoder], heads, taskpool, *, split: str = "test",
+def evaluate(encoder: Encoder | Mapping[str, Encoder], heads, taskpool, *, split: str = "test",
              tasks: Sequence[str] | None = None, batch_size: int = 512,
              device: str | torch.device = "cpu") -> dict[str, float]:
     """``{task: accuracy}``; ``encoder`` is one model for all tasks or a ``{task: model}`` mapping
-    (e.g. the individual experts)."""
+    (the individual experts, or a task-id-at-inference method's task models, built when read)."""
     out = {}
     for task in progress(list(tasks or taskpool.tasks), f"evaluating on {split}"):
-        enc = encoder[task] if isinstance(encoder, dict) else encoder
+        enc = encoder[task] if isinstance(encoder, Mapping) else encoder
         out[task] = task_accuracy(enc, heads, taskpool.dataset(task, split), task, batch_size=batch_size,
                                   device=device)
     return out
@@ -48,6 +48,12 @@ def evaluate(encoder: Encoder | dict[str, Encoder], heads, taskpool, *, split: s
 def summarize(per_task: dict[str, float]) -> dict:
     """``{"per_task": ..., "mean_accuracy": mean}``."""
     return {"per_task": per_task, "mean_accuracy": sum(per_task.values()) / max(len(per_task), 1)}
+
+
+def normalized_accuracy(per_task: Mapping[str, float], experts: Mapping[str, float]) -> float:
+    """The mean over tasks of ``accuracy / expert accuracy`` (what the TALL-mask and EMR papers report as the
+    accuracy retained); a task whose expert scores 0 counts as fully retained."""
+    return sum(a / experts[t] if experts[t] > 0 else 1.0 for t, a in per_task.items()) / max(len(per_task), 1)
 
 
 @torch.no_grad()

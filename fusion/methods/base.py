@@ -1,7 +1,7 @@
 """What every merge method receives (:class:`RunContext`) and returns (:class:`MergeOutcome`)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,13 @@ class RunContext:
 @dataclass
 class MergeOutcome:
     """The merged encoder (``images -> features``), what the method wants recorded in results.json, and what the
-    report writes next to it: ``records`` maps a ``method_info`` key to a :class:`MergeRecord` (learned methods)."""
+    report writes next to it: ``records`` maps a ``method_info`` key to a :class:`MergeRecord` (learned methods).
 
-    encoder: nn.Module
+    ``inference`` is ``"single model"`` for a merge, or ``"task id"`` when ``encoder`` is a ``{task: encoder}``
+    mapping rebuilt from compressed experts (:mod:`fusion.methods.retrieval`)."""
+
+    encoder: nn.Module | Mapping[str, nn.Module]
     info: dict[str, Any] = field(default_factory=dict)
     protocol: str = "static merge: no data"
     records: dict[str, MergeRecord] = field(default_factory=dict)
+    inference: str = "single model"
