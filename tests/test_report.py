@@ -46,6 +46,12 @@ def test_table_without_a_reference_shows_what_it_has():
     assert any(line.split()[:2] == ["mnist", "50.0"] and len(line.split()) == 2 for line in lines)
 
 
+def test_a_task_id_method_says_so_in_the_title():
+    title = " ".join(rendered({**RESULTS, "method": "emr", "inference": "task id"}, width=80)[:3])
+    assert "task id at inference, not one model" in title
+    assert "task id" not in " ".join(rendered(RESULTS)[:3])
+
+
 def test_headers_wrap_after_underscores_and_spaces():
     assert wrap_header("concrete_adamerging_layer_wise") == "concrete_\nadamerging_\nlayer_wise"
     assert wrap_header("ties") == "ties" and wrap_header("task_arithmetic λ=0.05") == "task_\narithmetic\nλ=0.05"

@@ -56,7 +56,8 @@ def results_table(results: Mapping[str, Any]):
     from rich.table import Table
 
     tasks, columns = list(results["per_task"]), table_columns(results)
-    table = Table(title=f"{results['method']} on {results['modelpool']}: test accuracy (%)", box=box.SIMPLE_HEAD)
+    mode = " — task id at inference, not one model" if results.get("inference") == "task id" else ""
+    table = Table(title=f"{results['method']} on {results['modelpool']}: test accuracy (%){mode}", box=box.SIMPLE_HEAD)
     table.add_column("task", overflow="fold", max_width=14)
     for label in columns:
         table.add_column(wrap_header(label), justify="right", overflow="fold", max_width=14,
