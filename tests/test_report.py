@@ -47,7 +47,7 @@ def test_table_without_a_reference_shows_what_it_has():
 
 
 def test_a_task_id_method_says_so_in_the_title():
-    title = " ".join(rendered({**RESULTS, "method": "emr", "inference": "task id"}, width=80)[:3])
+    title = " ".join(" ".join(rendered({**RESULTS, "method": "emr", "inference": "task id"}, width=80)[:3]).split())
     assert "task id at inference, not one model" in title
     assert "task id" not in " ".join(rendered(RESULTS)[:3])
 
