@@ -1,7 +1,8 @@
 """Task Singular Vectors (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model
 Merging"; reference ``AntoAndGar/task_singular_vectors:src/utils/TSVM_utils.py``, ``TSVC_utils.py``).
 
-For every 2-D weight, each task matrix is decomposed ``τ_k = U_k Σ_k V_kᵀ`` and truncated to its top
+For every 2-D weight (the positional embedding and ``proj`` included: the reference excludes only the text
+tower's ``text_projection``), each task matrix is decomposed ``τ_k = U_k Σ_k V_kᵀ`` and truncated to its top
 ``r = ⌊fraction·min(out, in)⌋`` singular directions (fraction = 1/K, the paper's choice).
 
 - TSV-C (compression): store the truncated factors ``(U_k[:, :r], σ_k[:r], V_kᵀ[:r])`` per task; task k's
