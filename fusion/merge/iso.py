@@ -18,14 +18,14 @@ from torch import Tensor
 from fusion.merge.task_vectors import HyperparameterError, StateDict, num_tasks
 
 
-def _work(t: Tensor) -> Tensor:
+def for_svd(t: Tensor) -> Tensor:
     """SVD-friendly dtype: float64 stays float64, everything else becomes float32."""
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
 def isotropic(m: Tensor) -> Tensor:
     """``U·mean(σ)·Vᵀ`` for ``m = U diag(σ) Vᵀ``: ``Tensor[out, in] -> Tensor[out, in]`` (Iso-C, Eq. 6)."""
-    u, s, vh = torch.linalg.svd(_work(m), full_matrices=False)
+    u, s, vh = torch.linalg.svd(for_svd(m), full_matrices=False)
     return (u * s.mean()) @ vh
 
 
@@ -48,7 +48,7 @@ def iso_c(tv: Mapping[str, Tensor], alpha: float = 1.5) -> StateDict:
     _check_alpha(alpha, "iso_c")
     out = {}
     for name, t in tv.items():
-        merged = isotropic(t.sum(0)) if t.dim() == 3 else _work(t).mean(0)
+        merged = isotropic(t.sum(0)) if t.dim() == 3 else for_svd(t).mean(0)
         out[name] = (alpha * merged).to(t.dtype)
     return out
 
@@ -61,7 +61,7 @@ def _split_rank(n: int, k: int, common_space_fraction: float) -> tuple[int, int]
     return n - k * per_task, per_task
 
 
-def _polar(a: Tensor) -> Tensor:
+def polar(a: Tensor) -> Tensor:
     """The orthonormal polar factor ``PQᵀ`` of ``a = P S Qᵀ`` (nearest matrix with orthonormal columns/rows)."""
     p, _, qh = torch.linalg.svd(a, full_matrices=False)
     return p @ qh
@@ -74,7 +74,7 @@ def iso_cts_factors(t: Tensor, common_space_fraction: float = 0.8) -> tuple[Tens
         ``(U: Tensor[out, r], s: Tensor[r], Vh: Tensor[r, in])`` with ``r = min(out, in)``, orthonormal columns
         of U and rows of Vh, and a flat ``s`` (all entries equal to the mean of the gathered singular values).
     """
-    t = _work(t)
+    t = for_svd(t)
     k, n = t.shape[0], min(t.shape[1:])
     common, per_task = _split_rank(n, k, common_space_fraction)
     u, s, vh = torch.linalg.svd(t.sum(0), full_matrices=False)
@@ -84,7 +84,7 @@ def iso_cts_factors(t: Tensor, common_space_fraction: float = 0.8) -> tuple[Tens
         ut, st, vht = torch.linalg.svd(task - proj @ task, full_matrices=False)
         us.append(ut[:, :per_task]); ss.append(st[:per_task]); vhs.append(vht[:per_task])
     s_all = torch.cat(ss)
-    return _polar(torch.cat(us, dim=1)), torch.full_like(s_all, s_all.mean().item()), _polar(torch.cat(vhs))
+    return polar(torch.cat(us, dim=1)), torch.full_like(s_all, s_all.mean().item()), polar(torch.cat(vhs))
 
 
 def iso_cts(tv: Mapping[str, Tensor], alpha: float = 1.5, common_space_fraction: float = 0.8) -> StateDict:
@@ -109,6 +109,6 @@ def iso_cts(tv: Mapping[str, Tensor], alpha: float = 1.5, common_space_fraction:
             u, s, vh = iso_cts_factors(t, common_space_fraction)
             merged = (u * s) @ vh
         else:
-            merged = _work(t).mean(0)
+            merged = for_svd(t).mean(0)
         out[name] = (alpha * merged).to(t.dtype)
     return out
