@@ -163,6 +163,18 @@ def test_tune_keys_must_be_arguments_of_fn():
         TaskRetrieval(emr, tune_split="test")
 
 
+def test_tsv_c_honours_the_task_specific_contract():
+    from fusion.merge.tsv import tsv_low_rank, tsv_storage_bytes, tsv_task_delta
+
+    tv = random_tv(k=2, seed=4)  # w: [2, 4, 5] -> rank 4, fraction 1/2 keeps 2 directions; b: kept dense
+    c = tsv_low_rank(tv)
+    assert isinstance(c, TaskSpecific) and c.num_tasks == 2
+    assert c.stored_bytes() == {"shared": 0, "per_task": tsv_storage_bytes(c)} == {"shared": 0, "per_task":
+                                                                                   2 * (4 * 2 + 2 + 2 * 5 + 5) * 8}
+    assert all(torch.equal(c.task_delta(1)[n], tsv_task_delta(c, 1)[n]) for n in tv)
+    assert int(torch.linalg.matrix_rank(c.task_delta(1)["w"])) == 2
+
+
 def test_masked_tasks_scales_default_to_one():
     tv = random_tv(k=2)
     c = MaskedTasks.from_masks({n: t.sum(0) for n, t in tv.items()}, {n: t > 0 for n, t in tv.items()})

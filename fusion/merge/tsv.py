@@ -51,6 +51,14 @@ class TSVCompressed:
         first = next(iter(self.low_rank.values())).u if self.low_rank else next(iter(self.dense.values()))
         return first.shape[0]
 
+    def task_delta(self, k: int) -> StateDict:
+        """:func:`tsv_task_delta` (the :class:`fusion.merge.retrieval.TaskSpecific` contract)."""
+        return tsv_task_delta(self, k)
+
+    def stored_bytes(self) -> dict[str, int]:
+        """Nothing shared; every task's factors and dense vectors (:func:`tsv_storage_bytes`)."""
+        return {"shared": 0, "per_task": tsv_storage_bytes(self)}
+
 
 def _fraction(tv: Mapping[str, Tensor], fraction: float | None) -> float:
     """``fraction`` (``None`` = 1/K), checked to lie in (0, 1]."""
