@@ -29,6 +29,30 @@ def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed:
     return [ds.batch(idx[i:i + batch_size])[0].to(device) for i in range(0, len(idx), batch_size)]
 
 
+def expert_fishers(pool, taskpool, ctx: RunContext, num_samples: int, batch_size: int) -> list[dict]:
+    """Each expert's diagonal Fisher ``{name: Tensor[*shape]}`` over its float parameters, from ``num_samples``
+    unlabeled train images of its task (labels sampled from its own predictions, seeded by ``ctx.seed + k``)."""
+    fishers = []
+    for i, task in enumerate(pool.tasks):
+        model = pool.expert_encoder(task)
+        batches = sample_batches(taskpool, task, num_samples, batch_size, ctx.seed + i, device=ctx.device)
+        params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+        fishers.append(diagonal_fisher(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches,
+                                       seed=ctx.seed + i))
+    return fishers
+
+
+def expert_grams(pool, taskpool, ctx: RunContext, num_samples: int, batch_size: int) -> list[dict]:
+    """Each expert's input Gram matrices ``{module: Tensor[in, in]}`` of its ``nn.Linear`` layers
+    (:func:`default_linear_names`), from ``num_samples`` unlabeled train images of its task run through it."""
+    grams = []
+    for i, task in enumerate(pool.tasks):
+        model = pool.expert_encoder(task)
+        batches = sample_batches(taskpool, task, num_samples, batch_size, ctx.seed + i, device=ctx.device)
+        grams.append(gram_matrices(model, lambda m, x: m(x), batches, default_linear_names(model)))
+    return grams
+
+
 class FisherMerge:
     """Fisher merging (Matena & Raffel, 2022): ``θ = Σ_k F̂_k θ_k / Σ_k F̂_k`` with diagonal Fishers estimated
     on ``num_samples`` unlabeled train images per task, labels sampled from the model's own predictions."""
@@ -39,15 +63,8 @@ class FisherMerge:
         self.floor, self.normalize = floor, normalize
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
-        fishers, experts = [], []
-        for i, task in enumerate(pool.tasks):
-            model = pool.expert_encoder(task)
-            batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i,
-                                     device=ctx.device)
-            params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
-            fishers.append(diagonal_fisher(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches,
-                                           seed=ctx.seed + i))
-            experts.append(pool.expert_state(task))
+        fishers = expert_fishers(pool, taskpool, ctx, self.num_samples, self.batch_size)
+        experts = [pool.expert_state(task) for task in pool.tasks]
         delta = fisher_merge_delta(pool.pretrained_state(), experts, fishers, floor=self.floor,
                                    normalize=self.normalize)
         info = {"num_samples_per_task": self.num_samples, "floor": self.floor, "normalize": self.normalize}
@@ -68,13 +85,8 @@ class RegMeanMerge:
         self.name, self.num_samples, self.batch_size, self.alpha = name, num_samples, batch_size, alpha
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
-        grams, experts = [], []
-        for i, task in enumerate(pool.tasks):
-            model = pool.expert_encoder(task)
-            batches = sample_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i,
-                                     device=ctx.device)
-            grams.append(gram_matrices(model, lambda m, x: m(x), batches, default_linear_names(model)))
-            experts.append(pool.expert_state(task))
+        grams = expert_grams(pool, taskpool, ctx, self.num_samples, self.batch_size)
+        experts = [pool.expert_state(task) for task in pool.tasks]
         delta = regmean_delta(pool.pretrained_state(), experts, grams, self.alpha)
         info = {"num_samples_per_task": self.num_samples, "alpha": self.alpha, "regmean_layers": sorted(grams[0])}
         return MergeOutcome(merged_encoder(pool, delta), info,
