@@ -165,6 +165,7 @@ class MaTSMerge:
             solve = functools.partial(lambda tv, **h: mats_fisher(tv, fishers, **h), **self.hyperparameters)
         outcome = StaticMerge(solve, name=self.name, tune=self.tune).run(pool, taskpool, ctx)
         info = {**outcome.info, "curvature": self.curvature, "num_samples_per_task": self.num_samples}
+        tuned = "; hyperparameters tuned on the labeled val split" if info["tuning"] else ""
         return MergeOutcome(outcome.encoder, info,
-                            f"MaTS ({self.curvature} curvature from {self.num_samples} unlabeled train images per "
-                            f"task), conjugate gradient from task arithmetic; {outcome.protocol}")
+                            f"MaTS: {self.curvature} curvature from {self.num_samples} unlabeled train images per "
+                            f"task, conjugate gradient from task arithmetic{tuned}")
