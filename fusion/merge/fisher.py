@@ -37,6 +37,13 @@ def model_coefficients(fishers: Stacked, names: Iterable[str], floor: float = 1e
     return inv / inv.sum()
 
 
+def fisher_weights(fishers: Stacked, name: str, coef: Tensor | None, floor: float = 1e-6) -> Tensor:
+    """``F̃_k = c_k·(F̂_k + floor)`` of parameter ``name`` in float64: ``Tensor[K, *shape]`` (``c_k = 1`` when
+    ``coef`` is None; ``coef`` from :func:`model_coefficients`)."""
+    w = _stacked(fishers, name).double() + floor
+    return w if coef is None else w * coef.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
+
+
 def fisher_merge(pretrained: Mapping[str, Tensor], experts_params: Stacked, fishers: Stacked, *,
                  floor: float = 1e-6, normalize: bool = True) -> StateDict:
     """Fisher-weighted average of expert parameters (Matena & Raffel 2022, Eq. 3; FusionBench weights).
@@ -62,9 +69,7 @@ def fisher_merge(pretrained: Mapping[str, Tensor], experts_params: Stacked, fish
         if name not in names:
             out[name] = theta.mean(0).to(theta0.dtype)
             continue
-        w = _stacked(fishers, name).double() + floor
-        if coef is not None:
-            w = w * coef.to(w.device).reshape(-1, *([1] * (w.dim() - 1)))
+        w = fisher_weights(fishers, name, coef, floor)
         out[name] = ((w * theta).sum(0) / w.sum(0)).to(theta0.dtype)
     return out
 

@@ -51,22 +51,24 @@ def _check_alpha(alpha: float) -> None:
                                   f"got {alpha!r}")
 
 
-def regmean_merge(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.95, *,
-                  ridge: float = 0.0) -> Tensor:
-    """RegMean for one linear layer (Jin et al. 2023, Eq. 3): ``W*ᵀ = (Σ G̃_k + εm I)⁻¹ (Σ G̃_k W_kᵀ + εm W̄ᵀ)``.
+def regmean_system(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.95, *,
+                   ridge: float = 0.0) -> tuple[Tensor, Tensor] | None:
+    """RegMean's normal equations for one linear layer (Jin et al. 2023, Eq. 3), in float64:
+    ``A = Σ G̃_k + εm I`` and ``B = Σ G̃_k W_kᵀ + εm W̄ᵀ`` so that the merge solves ``A W*ᵀ = B``.
 
     Args:
-        weights: K tensors ``W_k: [out, in]`` (torch ``nn.Linear`` layout).
+        weights: K tensors ``W_k: [out, in]`` (torch ``nn.Linear`` layout), or their task vectors ``τ_k`` (the
+            system is linear, so it then gives the update ``δ* = W* − W_0``).
         grams: K tensors ``G_k = X_kᵀ X_k: [in, in]``.
         alpha: off-diagonal scale of the Grams (0.95).
         ridge: ε ≥ 0, relative to ``m = mean(diag Σ G̃)``; raised to ``1e-6`` (with a warning) if the system is
             numerically singular. ``ε = 0`` is exact RegMean.
     Returns:
-        ``Tensor[out, in]`` in the dtype of ``weights[0]``.
+        ``(A: Tensor[in, in], B: Tensor[in, out])``, or ``None`` (with a warning) when every Gram is zero.
     """
     _check_alpha(alpha)
     if len(weights) != len(grams) or not weights:
-        raise ValueError(f"regmean_merge needs as many Gram matrices as weights (≥ 1), got {len(weights)} weights "
+        raise ValueError(f"regmean needs as many Gram matrices as weights (≥ 1), got {len(weights)} weights "
                          f"and {len(grams)} grams")
     eps = torch.finfo(grams[0].dtype).eps if grams[0].is_floating_point() else 1e-7
     g_t = [reduce_off_diagonal(g.double(), alpha) for g in grams]
@@ -77,7 +79,7 @@ def regmean_merge(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: flo
     if scale <= 0:
         log.warning("regmean_merge: all Gram matrices are zero (the layer never saw an input); using the simple "
                     "average of the weights")
-        return mean_w.to(weights[0].dtype)
+        return None
     eye = torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
     ratio = _min_eig_ratio(lhs + ridge * scale * eye) if ridge < AUTO_RIDGE else 1.0
     if ratio <= lhs.shape[0] * eps:  # numerically singular at the Grams' precision (matrix_rank's tolerance)
@@ -85,8 +87,18 @@ def regmean_merge(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: flo
                     f"(λ_min/λ_max = {ratio:.2e}); adding a ridge of {AUTO_RIDGE:g} x mean(diag) that pulls the "
                     "directions no input excites towards the average weight")
         ridge = AUTO_RIDGE
-    solution = torch.linalg.solve(lhs + ridge * scale * eye, rhs + ridge * scale * mean_w.T)
-    return solution.T.to(weights[0].dtype)
+    return lhs + ridge * scale * eye, rhs + ridge * scale * mean_w.T
+
+
+def regmean_merge(weights: Sequence[Tensor], grams: Sequence[Tensor], alpha: float = 0.95, *,
+                  ridge: float = 0.0) -> Tensor:
+    """RegMean for one linear layer (Jin et al. 2023, Eq. 3): ``W*ᵀ = (Σ G̃_k + εm I)⁻¹ (Σ G̃_k W_kᵀ + εm W̄ᵀ)``,
+    solving :func:`regmean_system` directly (arguments as there). Returns ``Tensor[out, in]`` in the dtype of
+    ``weights[0]``; the simple average when every Gram is zero."""
+    system = regmean_system(weights, grams, alpha, ridge=ridge)
+    if system is None:
+        return torch.stack([w.double() for w in weights]).mean(0).to(weights[0].dtype)
+    return torch.linalg.solve(*system).T.to(weights[0].dtype)
 
 
 def default_linear_names(model: nn.Module) -> list[str]:
