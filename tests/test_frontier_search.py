@@ -79,7 +79,8 @@ def test_random_subset_and_evaluate_subset_option(tiny_pool, tiny_taskpool):
     data = tiny_taskpool.dataset("alpha", "val")
     sub = random_subset(data, 10, seed=4)
     assert len(sub) == 10 and len(set(sub.indices.tolist())) == 10
-    assert torch.equal(sub.indices, torch.randperm(len(data), generator=torch.Generator().manual_seed(4))[:10].sort().values)
+    drawn = torch.randperm(len(data), generator=torch.Generator().manual_seed(4))[:10]
+    assert torch.equal(sub.indices, drawn.sort().values)
     assert len(random_subset(data, 10_000)) == len(data)
     x, y = sub.batch(torch.arange(10))
     x0, y0 = data.batch(sub.indices)
@@ -92,7 +93,7 @@ def test_subset_fitness_equals_an_independent_accuracy(tiny_pool, tiny_taskpool,
     pool_tv = tiny_pool.task_vectors()
     subsets = {t: random_subset(tiny_taskpool.dataset(t, "val"), 12, seed=1) for t in tiny_pool.tasks}
     lam = np.array([0.9, 0.1, 0.5])
-    fitness = subset_fitness(tiny_pool, tiny_taskpool, pool_tv, subsets, (3,), RunContext(output_dir=tmp_path))
+    fitness = subset_fitness(tiny_pool, pool_tv, subsets, (3,), RunContext(output_dir=tmp_path))
     # by hand: θ0 + Σ_k λ_k τ_k loaded into a copy, logits argmax on the same 12 images per task
     import copy
 

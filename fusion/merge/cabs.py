@@ -1,14 +1,14 @@
 """CABS: Conflict-Aware and Balanced Sparsification (Yang et al., ICML 2025), a sparsifier of the
 sparsify → consensus → scale family (:mod:`fusion.merge.family`).
 
-- Balanced sparsification (BS, §3.3): n:m magnitude pruning: every block of ``m`` consecutive entries along the
+- Balanced sparsification (BS): n:m magnitude pruning: every block of ``m`` consecutive entries along the
   input dimension of a row keeps its ``n`` largest-magnitude entries (density ``n/m`` in every block, so no layer or
   row is emptied or favoured, unlike a global top-k).
-- Conflict-aware sparsification (CA, §3.2): the task vectors are pruned one after another in a fixed ``order``; task
+- Conflict-aware sparsification (CA): the task vectors are pruned one after another in a fixed ``order``; task
   ``k`` chooses only among the positions not kept by the tasks before it (the paper's mask ``1 − m_prev``), so the
   kept sets never overlap. The two combine as in the authors' code (``zongzhenyang/CABS``,
   ``prune_task_vector.py``): mask out the claimed positions, then n:m-prune what remains.
-- The merge (§3.4) is task arithmetic over the pruned, disjoint vectors (preset :func:`fusion.merge.family.cabs`).
+- The merge is task arithmetic over the pruned, disjoint vectors (preset :func:`fusion.merge.family.cabs`).
 
 Deviations (stated): rows are the output rows of ≥2-D tensors (conv/patch weights as ``[out, in·kh·kw]``), and a
 1-D/0-D tensor is one row; the reference code instead blocks the flattened tensor. When ``m`` does not divide the
@@ -81,7 +81,7 @@ def nm_select(score: Tensor, n: int, m: int) -> Tensor:
 
 def cabs_sparsify(tv: Mapping[str, Tensor], density: float | None = None, n: int | None = None, m: int = 32,
                   order: Sequence[int] | None = None) -> TaskVectors:
-    """CABS's CA + BS sparsification (Yang et al. 2025, Alg. 1): disjoint n:m-pruned task vectors.
+    """CABS's CA + BS sparsification (Yang et al. 2025): disjoint n:m-pruned task vectors.
 
     For each task ``k`` in ``order``: ``avail = ¬(∪_{j before k} mask_j)``; ``mask_k`` = the top-``n`` of
     ``|τ_k|`` over ``avail`` in every block of ``m`` along each row; ``τ̂_k = τ_k ⊙ mask_k``.

@@ -112,7 +112,7 @@ def della(tv: Mapping[str, Tensor], density: float = 0.5, epsilon: float = 0.1, 
 
 def cabs(tv: Mapping[str, Tensor], density: float | None = 0.125, n: int | None = None, m: int = 32,
          order: Sequence[int] | None = None, lam: float = 1.0) -> StateDict:
-    """CABS (Yang et al., ICML 2025, §3.4): ``δ = λ Σ_k τ̂_k`` over the disjoint n:m-pruned vectors of
+    """CABS (Yang et al., ICML 2025): ``δ = λ Σ_k τ̂_k`` over the disjoint n:m-pruned vectors of
     :func:`fusion.merge.cabs.cabs_sparsify` (no sign consensus: the supports do not overlap).
 
     The paper scales each task by its own λ_k; here one λ (tuned on val) scales all tasks. No CLIP default is

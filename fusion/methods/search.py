@@ -5,11 +5,11 @@ layer-wise λ (K × L, L = the task-vector tensors, the grouping of layer-wise A
 ``θ_0 + Σ_k λ_k^l τ_k^l`` (:func:`fusion.merge.combine.combine`, the merge task arithmetic and AdaMerging use) on a
 small seeded random subset of the labeled *val* split.
 
-Deviations from MERGE^3: the paper estimates fitness with IRT-based ability estimators on an IRT-selected subset
-(its §3); here the subset is a plain seeded random sample of ``subset_size`` val images per task and the estimate is
-the plain subset accuracy. MERGE^3 evolves with NSGA-II/genetic operators over merge hyperparameters; this uses
-CMA-ES over the merge coefficients (the issue's choice). The reliability of the estimate is reported:
-results.json ``method_info.estimate`` lists, for the chosen λ, CMA-ES's final mean and the initial point, the subset
+Deviations from MERGE^3: the paper estimates fitness with IRT-based ability estimators on an IRT-selected
+subset; here the subset is a plain seeded random sample of ``subset_size`` val images per task and the estimate is
+the plain subset accuracy. The evolutionary optimiser is CMA-ES over the merge coefficients (the issue's choice),
+not the paper's own evolutionary setup. The reliability of the estimate is reported: results.json
+``method_info.search.estimate`` lists, for the chosen λ, CMA-ES's final mean and the initial point, the subset
 fitness, the full-val score and ``|subset − full|``.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def cma_search(fitness: Callable[[np.ndarray], float], x0: np.ndarray, *, evalua
     return SearchResult(best, best_fit, len(history), generations, final_mean, history)
 
 
-def subset_fitness(pool, taskpool, tv, subsets: dict, shape: tuple[int, ...], ctx: RunContext):
+def subset_fitness(pool, tv, subsets: dict, shape: tuple[int, ...], ctx: RunContext):
     """``λ ↦ mean_t acc_t(θ_0 + combine(τ, λ.reshape(shape)))`` on the fixed ``subsets`` (``{task: dataset}``)."""
 
     def fitness(x: np.ndarray) -> float:
@@ -147,7 +147,7 @@ class EvolutionarySearch:
         shape = (len(pool.tasks), len(tv)) if self.layer_wise else (len(pool.tasks),)
         subsets = {t: random_subset(taskpool.dataset(t, self.split), self.subset_size, self.seed).to(ctx.device)
                    for t in pool.tasks}
-        fitness = subset_fitness(pool, taskpool, tv, subsets, shape, ctx)
+        fitness = subset_fitness(pool, tv, subsets, shape, ctx)
         x0 = np.full(int(np.prod(shape)), self.init)
         result = cma_search(fitness, x0, evaluations=self.evaluations, sigma0=self.sigma0, bounds=self.bounds,
                             popsize=self.popsize, seed=self.seed)
