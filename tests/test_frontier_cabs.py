@@ -37,7 +37,8 @@ def slow_cabs(tv, n, m, order):
                     free = sorted((c for c in cols if c not in taken), key=lambda c: -abs(float(rows[task, r, c])))
                     for c in free[:quota]:
                         res[task, r, c] = rows[task, r, c]
-                        taken.add(c)
+                        if rows[task, r, c] != 0:  # a zero entry leaves its position free
+                            taken.add(c)
         out[name] = res.reshape(t.shape)
     return out
 
@@ -101,6 +102,14 @@ def test_partial_last_block_keeps_ceil_share_and_single_task_is_plain_nm():
     expected = torch.zeros_like(blocks).scatter(-1, blocks.abs().argmax(-1, keepdim=True),
                                                 blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)))
     assert torch.equal(single, expected.reshape(1, 3, 8))
+
+
+def test_a_zero_task_vector_claims_no_positions():
+    w = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w[0] = 0.0
+    got = cabs_sparsify({"w": w}, n=2, m=4)["w"]
+    assert torch.equal(got[1], cabs_sparsify({"w": w[1:]}, n=2, m=4)["w"][0])  # task 1 as if it were alone
+    assert not bool(got[0].any())
 
 
 def test_bad_hyperparameters_name_the_key():

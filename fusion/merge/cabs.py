@@ -13,7 +13,9 @@ sparsify → consensus → scale family (:mod:`fusion.merge.family`).
 Deviations (stated): rows are the output rows of ≥2-D tensors (conv/patch weights as ``[out, in·kh·kw]``), and a
 1-D/0-D tensor is one row; the reference code instead blocks the flattened tensor. When ``m`` does not divide the
 row width, the last block of each row (``r < m`` entries) keeps ``ceil(n·r/m)`` entries (the reference skips, i.e.
-zeroes, an incomplete trailing block). A block with fewer than ``n`` free positions keeps all of them. With K tasks
+zeroes, an incomplete trailing block). A block with fewer than ``n`` free positions keeps all of them. A selected
+entry that is exactly zero does not claim its position (the reference code's mask would), so a task whose vector
+is zero in a layer does not take that layer's positions from the tasks after it. With K tasks
 and ``K·n > m`` the later tasks find blocks already taken (the paper's K·density ≤ 1 regime avoids this).
 """
 from __future__ import annotations
@@ -105,6 +107,6 @@ def cabs_sparsify(tv: Mapping[str, Tensor], density: float | None = None, n: int
         keep = torch.zeros_like(rows, dtype=torch.bool)
         for k in tasks:
             keep[k] = nm_select(mag[k].masked_fill(claimed, -math.inf), n, m)
-            claimed |= keep[k]
+            claimed |= keep[k] & (mag[k] > 0)  # a zero entry holds nothing: it leaves its position free
         out[name] = (rows * keep).reshape(t.shape)
     return out
