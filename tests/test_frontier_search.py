@@ -156,3 +156,16 @@ def test_task_wise_search_initialises_task_wise_adamerging(tiny_pool, tiny_taskp
     init, _ = initial_value(method.init, tiny_pool, tiny_taskpool, ctx)
     model = method.build_model(tiny_pool, init, ctx)
     assert len(init) == 3 and torch.allclose(model.weighting.coefficients(), torch.tensor(init))
+
+
+def test_initial_values_take_a_layer_wise_table():
+    from fusion.merge.task_vectors import HyperparameterError
+    from fusion.param.coefficients import initial_values
+
+    table = [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+    assert torch.equal(initial_values(table, 3, 2), torch.tensor(table))
+    assert torch.equal(initial_values([0.1, 0.2, 0.3], 3, 2), torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]]))
+    with pytest.raises(HyperparameterError, match=r"\[K=3, L=4\]"):
+        initial_values(table, 3, 4)
+    with pytest.raises(HyperparameterError, match="layer_wise: true"):
+        initial_values(table, 3)

@@ -23,9 +23,9 @@ def initial_values(init: float | Sequence[float] | Sequence[Sequence[float]], nu
     values = torch.as_tensor(init, dtype=torch.float32)
     if values.dim() == 2:
         if num_tensors is None or tuple(values.shape) != (num_tasks, num_tensors):
-            want = f"[K={num_tasks}, L={num_tensors}]" if num_tensors is not None else "a layer-wise model"
-            raise HyperparameterError(f"method.init is a {tuple(values.shape)} table of coefficients, which needs "
-                                      f"{want}; pair a layer-wise init with a layer-wise method (layer_wise: true)")
+            fix = ("pair a layer-wise init with a layer-wise method (layer_wise: true)" if num_tensors is None else
+                   f"the model needs [K={num_tasks}, L={num_tensors}]: search on the same pool and tensors")
+            raise HyperparameterError(f"method.init is a {tuple(values.shape)} table of coefficients; {fix}")
         return values.clone()
     values = values.flatten()
     if values.numel() == 1:
