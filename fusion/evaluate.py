@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,40 @@ Encoder = Callable[[Tensor], Tensor]
 def on_device(module: Encoder, device: torch.device) -> Encoder:
     """``module`` moved to ``device`` (in place, as ``nn.Module.to``); plain callables are left as they are."""
     return module.to(device) if isinstance(module, nn.Module) else module
+
+
+@dataclass
+class TaskSubset:
+    """The examples ``indices`` of a :class:`fusion.data.contract.TaskDataset`, itself a task dataset."""
+
+    dataset: object
+    indices: Tensor
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset.name}[{len(self.indices)} of {len(self.dataset)}]"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        return self.dataset.batch(self.indices[indices.cpu()])
+
+    def to(self, device: str | torch.device) -> "TaskSubset":
+        return TaskSubset(self.dataset.to(device), self.indices)
+
+
+def random_subset(dataset, size: int | None, seed: int = 0) -> TaskSubset:
+    """``size`` examples of ``dataset`` drawn without replacement by a ``torch.Generator`` seeded with ``seed``
+    (sorted, so batches read in storage order); ``None`` or ``size ≥ len`` keeps every example."""
+    check_task_dataset(dataset, "random_subset")
+    n = len(dataset)
+    if size is not None and size < 1:
+        raise ValueError(f"subset size must be >= 1 (or None for every example), got {size}")
+    if size is None or size >= n:
+        return TaskSubset(dataset, torch.arange(n))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:size]
+    return TaskSubset(dataset, chosen.sort().values)
 
 
 @torch.no_grad()
@@ -34,14 +69,16 @@ def task_accuracy(encoder: Encoder, heads, dataset, task: str, *, batch_size: in
 
 def evaluate(encoder: Encoder | Mapping[str, Encoder], heads, taskpool, *, split: str = "test",
              tasks: Sequence[str] | None = None, batch_size: int = 512,
-             device: str | torch.device = "cpu") -> dict[str, float]:
+             device: str | torch.device = "cpu", subset: int | None = None, subset_seed: int = 0) -> dict[str, float]:
     """``{task: accuracy}``; ``encoder`` is one model for all tasks or a ``{task: model}`` mapping
-    (the individual experts, or a task-id-at-inference method's task models, built when read)."""
+    (the individual experts, or a task-id-at-inference method's task models, built when read). ``subset``: only
+    that many seeded random examples per task (:func:`random_subset`, seed ``subset_seed``)."""
     out = {}
     for task in progress(list(tasks or taskpool.tasks), f"evaluating on {split}"):
         enc = encoder[task] if isinstance(encoder, Mapping) else encoder
-        out[task] = task_accuracy(enc, heads, taskpool.dataset(task, split), task, batch_size=batch_size,
-                                  device=device)
+        data = taskpool.dataset(task, split)
+        data = data if subset is None else random_subset(data, subset, subset_seed)
+        out[task] = task_accuracy(enc, heads, data, task, batch_size=batch_size, device=device)
     return out
 
 

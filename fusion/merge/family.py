@@ -15,16 +15,18 @@ TIES (``ties.py``)   magnitude top-k, k=0.2              yes          sum     0.
 DARE                 drop p=0.5, rescale                 no           sum     0.3  (FusionBench DARE-TA)
 DARE + TIES          drop p=0.5, then top-k k=0.2        yes          sum     0.5  (FusionBench DARE-TIES)
 DELLA                MAGPRUNE density=0.5, ε=0.1         yes          sum     0.3  (no CLIP default published)
+CABS (``cabs.py``)   disjoint n:m, density=1/8, m=32     no           sum     1.0  (no CLIP default published)
 ===================  ==================================  ===========  ======  ============================
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from fusion.merge.cabs import cabs_sparsify
 from fusion.merge.combine import combine
 from fusion.merge.sparsify import dare_drop, magnitude_trim, magprune_drop
 from fusion.merge.task_vectors import HyperparameterError, StateDict, TaskVectors, num_tasks
@@ -106,3 +108,16 @@ def della(tv: Mapping[str, Tensor], density: float = 0.5, epsilon: float = 0.1, 
     """
     drop = partial(magprune_drop, density=density, epsilon=epsilon, seed=seed)
     return sparse_consensus_merge(tv, sparsify=drop, consensus=True, lam=lam, aggregate=aggregate)
+
+
+def cabs(tv: Mapping[str, Tensor], density: float | None = 0.125, n: int | None = None, m: int = 32,
+         order: Sequence[int] | None = None, lam: float = 1.0) -> StateDict:
+    """CABS (Yang et al., ICML 2025): ``δ = λ Σ_k τ̂_k`` over the disjoint n:m-pruned vectors of
+    :func:`fusion.merge.cabs.cabs_sparsify` (no sign consensus: the supports do not overlap).
+
+    The paper scales each task by its own λ_k; here one λ (tuned on val) scales all tasks. No CLIP default is
+    published (the paper is LLM/NLP): density 1/8 = 1/K for 8 tasks, so the K disjoint sets can fill each block,
+    and λ = 1.0, since the kept entries are not summed over tasks (no 1/K dilution as in TA's 0.3).
+    """
+    sparsify = partial(cabs_sparsify, density=density, n=n, m=m, order=order)
+    return sparse_consensus_merge(tv, sparsify=sparsify, consensus=False, lam=lam, aggregate="sum")

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class InitialCoefficient(Protocol):
-    """A method whose (tuned) λ can start a learned merge: :class:`fusion.methods.static.StaticMerge`."""
+    """A method whose (tuned) λ can start a learned merge: :class:`fusion.methods.static.StaticMerge` (one float),
+    :class:`fusion.methods.search.EvolutionarySearch` (K floats, or a K × L table for the layer-wise search)."""
 
-    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[float, dict[str, Any] | None]: ...
+    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[Any, dict[str, Any] | None]: ...
 
 
 @runtime_checkable
@@ -42,7 +43,8 @@ class LearnedMethod(Protocol):
 
 def initial_value(init: Any, pool, taskpool, ctx: RunContext) -> tuple[Any, dict[str, Any] | None]:
     """``(λ_0, tuning record)``: a fixed ``init`` (a float or one per task) as it is, or the val-tuned ``lam`` of a
-    static merge (``method/init=task_arithmetic``). ``init`` is declared as that union; this picks its branch."""
+    static merge (``method/init=task_arithmetic``) or the searched λ of an evolutionary search
+    (``method/init=evolutionary_layer_wise``). ``init`` is declared as that union; this picks its branch."""
     if isinstance(init, InitialCoefficient):
         return init.initial_coefficient(pool, taskpool, ctx)
     return init, None
@@ -69,7 +71,8 @@ class LearnedMerge:
         data: ``(taskpool, tasks, seed, device, batches_per_step) -> MultiTaskDataModule`` partial (split,
             batch_size, labeled).
         steps: optimizer steps.
-        init: a float, one float per task, or a StaticMerge whose (tuned) ``lam`` is the initial value.
+        init: a float, one float per task, or an :class:`InitialCoefficient` (a StaticMerge's tuned ``lam``, an
+            evolutionary search's λ) whose value is the initial value.
         preprocess: optional ``τ -> τ'`` (e.g. TIES trim + elect + disjoint for AdaMerging++).
         tv_dtype: task-vector dtype name (``bfloat16`` halves their memory).
         training: ``(model, heads, objective, optimizer, scheduler) -> MergeTraining`` (Hydra ``_partial_``);

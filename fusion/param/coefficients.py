@@ -16,15 +16,24 @@ from fusion.merge.combine import combine
 from fusion.merge.task_vectors import HyperparameterError
 
 
-def initial_values(init: float | Sequence[float], num_tasks: int) -> Tensor:
-    """``Tensor[K]`` from a scalar (every task) or one value per task."""
-    values = torch.as_tensor(init, dtype=torch.float32).flatten()
+def initial_values(init: float | Sequence[float] | Sequence[Sequence[float]], num_tasks: int,
+                   num_tensors: int | None = None) -> Tensor:
+    """``Tensor[K]`` (task-wise, ``num_tensors=None``) or ``Tensor[K, L]`` (layer-wise) from a scalar, one value per
+    task, or (layer-wise only) a ``K × L`` table, e.g. the λ of :class:`fusion.methods.search.EvolutionarySearch`."""
+    values = torch.as_tensor(init, dtype=torch.float32)
+    if values.dim() == 2:
+        if num_tensors is None or tuple(values.shape) != (num_tasks, num_tensors):
+            fix = ("pair a layer-wise init with a layer-wise method (layer_wise: true)" if num_tensors is None else
+                   f"the model needs [K={num_tasks}, L={num_tensors}]: search on the same pool and tensors")
+            raise HyperparameterError(f"method.init is a {tuple(values.shape)} table of coefficients; {fix}")
+        return values.clone()
+    values = values.flatten()
     if values.numel() == 1:
-        return values.expand(num_tasks).clone()
-    if values.numel() != num_tasks:
-        raise HyperparameterError(f"method.init must be a scalar or one value per task (K={num_tasks}), got "
-                                  f"{values.numel()} values")
-    return values.clone()
+        values = values.expand(num_tasks).clone()
+    elif values.numel() != num_tasks:
+        raise HyperparameterError(f"method.init must be a scalar, one value per task (K={num_tasks}) or a K × L "
+                                  f"table (layer-wise), got {values.numel()} values")
+    return values.clone() if num_tensors is None else values[:, None].repeat(1, num_tensors)
 
 
 class Coefficients(nn.Module):
@@ -36,9 +45,7 @@ class Coefficients(nn.Module):
     def __init__(self, num_tasks: int, num_tensors: int | None = None, init: float | Sequence[float] = 0.3,
                  clamp: tuple[float, float] | None = None):
         super().__init__()
-        values = initial_values(init, num_tasks)
-        if num_tensors is not None:
-            values = values[:, None].repeat(1, num_tensors)
+        values = initial_values(init, num_tasks, num_tensors)
         self.lambdas = nn.Parameter(values)
         if clamp is not None and not clamp[0] < clamp[1]:
             raise HyperparameterError(f"clamp must be (low, high) with low < high, got {clamp}")
