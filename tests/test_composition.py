@@ -97,3 +97,65 @@ def test_every_learned_method_takes_its_initial_lambda_from_a_static_merge(name)
     assert compose_method(f"method={name}").init == 0.3  # METHODS.md default
     method = instantiate(compose_method(f"method={name}", "method/init=task_arithmetic"))
     assert method.init.name == "task_arithmetic" and method.init.tune is not None
+
+
+def test_a_merge_without_lam_starts_a_learned_merge_at_its_merged_vector(tiny_pool, tiny_taskpool, tmp_path):
+    from fusion.merge.tsv import tsv_m
+    from fusion.methods.base import MergedStart
+
+    cfg = compose_method("method=adamerging_layer_wise", "method/init=tsv_m", "method.init.tune.alpha=[0.5]")
+    method = instantiate(cfg)
+    ctx = RunContext(output_dir=tmp_path)
+    init, tuning = initial_value(method.init, tiny_pool, tiny_taskpool, ctx)
+    assert isinstance(init, MergedStart) and init.source == "tsv_m" and tuning["best"]["alpha"] == 0.5
+    model = method.build_model(tiny_pool, init, ctx)
+    assert torch.count_nonzero(model.weighting.coefficients()) == 0  # λ from 0 ...
+    merged, theta0 = model.merge_and_unload().state_dict(), tiny_pool.pretrained_state()
+    delta = tsv_m(tiny_pool.task_vectors(), alpha=0.5)
+    for name, d in delta.items():  # ... on top of θ0 + δ_TSV-M: step 0 is exactly the TSV-M merge
+        assert torch.allclose(merged[name], theta0[name] + d, atol=1e-6)
+    assert any(not torch.allclose(merged[n], theta0[n] + tiny_pool.task_vectors()[n].sum(0) * 0.3) for n in delta)
+
+
+def test_init_as_merged_vector_and_data_merges_as_inits(tiny_pool, tiny_taskpool, tmp_path):
+    from fusion.merge.magmax import magmax
+    from fusion.methods.base import MergedStart
+
+    ctx = RunContext(output_dir=tmp_path)
+    magmax_init = instantiate(compose_method("method=adamerging_task_wise", "method/init=magmax",
+                                             "method.init.tune.lam=[0.5]").init)
+    init, _ = initial_value(magmax_init, tiny_pool, tiny_taskpool, ctx)
+    expected = magmax(tiny_pool.task_vectors(), lam=0.5)
+    assert isinstance(init, MergedStart) and all(torch.allclose(init.delta[n], expected[n]) for n in expected)
+    regmean = instantiate(compose_method("method=adamerging_task_wise", "method/init=regmean",
+                                         "method.init.num_samples=8", "method.init.batch_size=8").init)
+    init, _ = initial_value(regmean, tiny_pool, tiny_taskpool, ctx)
+    merged = regmean.run(tiny_pool, tiny_taskpool, ctx).encoder.state_dict()  # seeded: the same merge again
+    theta0 = tiny_pool.pretrained_state()
+    assert init.source == "regmean" and all(torch.allclose(theta0[n] + d, merged[n], atol=1e-6)
+                                            for n, d in init.delta.items())
+
+
+@pytest.mark.parametrize("method, init, message", [
+    ("wemoe", "tsv_m", "router.*cannot start from a merged vector"),
+    ("concrete_task_arithmetic", "tsv_m", "keeps λ fixed at method.init, and λ = 0"),
+])
+def test_a_merged_vector_init_is_refused_where_it_cannot_work(tiny_pool, tiny_taskpool, tmp_path, method, init,
+                                                              message):
+    from fusion.errors import ConfigError
+    from fusion.merge.task_vectors import HyperparameterError
+
+    runner = instantiate(compose_method(f"method={method}", f"method/init={init}", "method.init.tune=null"))
+    runner = runner.stages()[0]
+    start, _ = initial_value(runner.init, tiny_pool, tiny_taskpool, RunContext(output_dir=tmp_path))
+    with pytest.raises((ConfigError, HyperparameterError), match=message):
+        runner.build_model(tiny_pool, start, RunContext(output_dir=tmp_path))
+
+
+def test_a_task_id_method_is_no_init(tiny_pool, tiny_taskpool, tmp_path):
+    from fusion.errors import ConfigError
+    from fusion.merge.emr import emr
+    from fusion.methods.retrieval import TaskRetrieval
+
+    with pytest.raises(ConfigError, match="method.init 'emr' needs the task id at inference"):
+        initial_value(TaskRetrieval(emr, name="emr"), tiny_pool, tiny_taskpool, RunContext(output_dir=tmp_path))

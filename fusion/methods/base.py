@@ -61,3 +61,18 @@ class MergeOutcome:
     protocol: str = "static merge: no data"
     records: dict[str, MergeRecord] = field(default_factory=dict)
     inference: str = "single model"
+
+
+@dataclass(frozen=True)
+class MergedStart:
+    """Where a learned merge starts when its ``init`` is a merge that yields a vector, not a λ (``method/init=tsv_m``,
+    ``regmean``, ``wudi``…): the parametrization's base is ``θ_0 + delta`` and its coefficients start at 0, so its
+    first step evaluates exactly that merge and training learns ``Σ_k λ_k τ_k`` on top of it."""
+
+    delta: dict[str, Any]
+    source: str
+
+    def describe(self) -> dict[str, str]:
+        """What results.json records as the init."""
+        return {"merged_vector": self.source}
+

@@ -18,7 +18,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import floating_dtype
-from fusion.methods.base import MergeOutcome, RunContext
+from fusion.methods.base import MergedStart, MergeOutcome, RunContext
+from fusion.methods.static import merged_encoder
 from fusion.param.contract import MergeRecord, Parametrization, check_parametrization
 from fusion.train.module import MergeTraining, NonFiniteLossError
 from fusion.train.objectives import Objective
@@ -41,12 +42,42 @@ class LearnedMethod(Protocol):
     def stages(self) -> list["LearnedMerge"]: ...
 
 
+@runtime_checkable
+class MergeMethod(Protocol):
+    """Any method (:meth:`run` -> :class:`MergeOutcome`): as an ``init`` it contributes its merged vector."""
+
+    name: str
+
+    def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome: ...
+
+
+def merged_start(method: MergeMethod, pool, taskpool, ctx: RunContext) -> tuple[MergedStart, Any]:
+    """Run ``method`` and take ``δ = θ_merged − θ_0`` of the one model it exports (RegMean, Fisher, MaTS…)."""
+    name, outcome = method.name, method.run(pool, taskpool, ctx)
+    if outcome.inference != "single model":
+        raise ConfigError(f"method.init '{name}' needs the task id at inference ({outcome.inference}): it has no "
+                          "single merged model to start from; use a merge (method/init=task_arithmetic, tsv_m, …)")
+    theta0, merged = pool.pretrained_state(), outcome.encoder.state_dict()
+    if set(merged) != set(theta0):
+        raise ConfigError(f"method.init '{name}' exports a model with other parameters than the pool's encoder (an "
+                          "input-dependent router?); start from a static merge instead")
+    delta = {k: merged[k].to(v.device) - v for k, v in theta0.items() if v.is_floating_point()}
+    return MergedStart(delta, name), outcome.info.get("tuning")
+
+
+def describe_init(init: Any) -> Any:
+    """``init`` as results.json records it."""
+    return init.describe() if isinstance(init, MergedStart) else init
+
+
 def initial_value(init: Any, pool, taskpool, ctx: RunContext) -> tuple[Any, dict[str, Any] | None]:
     """``(λ_0, tuning record)``: a fixed ``init`` (a float or one per task) as it is, or the val-tuned ``lam`` of a
     static merge (``method/init=task_arithmetic``) or the searched λ of an evolutionary search
     (``method/init=evolutionary_layer_wise``). ``init`` is declared as that union; this picks its branch."""
     if isinstance(init, InitialCoefficient):
         return init.initial_coefficient(pool, taskpool, ctx)
+    if isinstance(init, MergeMethod):
+        return merged_start(init, pool, taskpool, ctx)
     return init, None
 
 
@@ -100,7 +131,15 @@ class LearnedMerge:
         tv = pool.task_vectors(dtype=self.tv_dtype, device="cpu" if ctx.distributed else ctx.device)
         if self.preprocess is not None:
             tv = self.preprocess(tv)
-        return check_parametrization(self.model(base=pool.encoder, task_vectors=tv, init=init), f"method '{self.name}'")
+        base = pool.encoder
+        if isinstance(init, MergedStart):  # start at that merge: base θ0 + δ, coefficients from 0
+            base, init = merged_encoder(pool, init.delta), 0.0
+        model = check_parametrization(self.model(base=base, task_vectors=tv, init=init), f"method '{self.name}'")
+        if model.input_dependent and base is not pool.encoder:
+            raise ConfigError(f"method '{self.name}' is a router, whose saved model is rebuilt over the pretrained "
+                              "encoder: it cannot start from a merged vector; use a λ init (method/init="
+                              "task_arithmetic)")
+        return model
 
     def build_data(self, taskpool, tasks, ctx: RunContext, module: MergeTraining):
         datamodule = self.data(taskpool=taskpool, tasks=tasks, seed=ctx.seed, device=ctx.device,
@@ -126,7 +165,7 @@ class LearnedMerge:
             err.records = {"artifacts": self.record(model)}
             raise
         model.to(ctx.device)  # Lightning's teardown moved it back to the CPU
-        info = {"init": init, "init_tuning": tuning, "steps": self.steps, **module.describe(),
+        info = {"init": describe_init(init), "init_tuning": tuning, "steps": self.steps, **module.describe(),
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), **model.stats()}
         sharding = model.sharding_info()
         if sharding is not None:  # trainer=fsdp: the task-vector elements rank 0 held

@@ -14,7 +14,7 @@ from typing import Any
 
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import StateDict, add_delta
-from fusion.methods.base import MergeOutcome, RunContext
+from fusion.methods.base import MergedStart, MergeOutcome, RunContext
 from fusion.pools.openclip import copy_with_state, freeze
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,24 @@ class StaticMerge:
     """A data-free merge ``fn(τ, **hyperparameters)``; ``tune`` = ``{name: [values]}`` grid on ``tune_split``.
 
     ``postprocess`` (e.g. LiNeS' :func:`fusion.merge.lines.lines_scale`) maps the merged update to a new one;
-    tune its arguments with ``postprocess.<arg>`` keys in ``tune``. Both are functions or (Hydra ``_partial_``)
-    partials whose keywords are the default hyperparameters.
+    tune its arguments with ``postprocess.<arg>`` keys in ``tune``. ``fn`` and ``postprocess`` are functions or
+    (Hydra ``_partial_``) partials whose keywords are the default hyperparameters. As a learned method's ``init``
+    it gives its tuned ``lam`` (``init_as: lam``) or its merged vector (``init_as: merged_vector``, and whenever
+    it has no λ).
     """
 
     def __init__(self, fn: Callable[..., StateDict], name: str | None = None,
                  tune: Mapping[str, Sequence[Any]] | None = None, tune_split: str = "val",
-                 postprocess: Callable[..., StateDict] | None = None):
+                 postprocess: Callable[..., StateDict] | None = None, init_as: str = "lam"):
         if tune_split == "test":
             raise ConfigError("tune_split='test' would tune on test labels; use the validation split ('val')")
         self.fn, self.tune_split = as_partial(fn), tune_split
         self.postprocess = None if postprocess is None else as_partial(postprocess)
         self.tune = {k: list(v) for k, v in (tune or {}).items()}
         self.name = name or self.fn.func.__name__
+        if init_as not in ("lam", "merged_vector"):
+            raise ConfigError(f"method '{self.name}': init_as must be 'lam' or 'merged_vector', got {init_as!r}")
+        self.init_as = init_as
 
     def defaults(self) -> dict[str, Any]:
         post = {f"postprocess.{k}": v for k, v in (self.postprocess.keywords if self.postprocess else {}).items()}
@@ -94,9 +99,12 @@ class StaticMerge:
                             protocol="static merge" + (f"; hyperparameters tuned on the labeled {self.tune_split} split"
                                                        if tuning else "; default hyperparameters, no data"))
 
-    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[float, dict[str, Any] | None]:
-        """The (tuned) ``lam`` of this merge, used to initialise learned coefficients."""
-        hparams, tuning = self.select(pool, taskpool, pool.task_vectors(), ctx)
-        if "lam" not in hparams:
-            raise ConfigError(f"method '{self.name}' has no 'lam' hyperparameter to initialise coefficients from")
+    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[float | MergedStart, dict[str, Any] | None]:
+        """The (tuned) ``lam`` of this merge, used to initialise learned coefficients; a merge without ``lam``
+        (TSV-M, Iso-C/CTS), or one configured with ``init_as: merged_vector`` (its λ scales something other than
+        Σ_k τ_k: MagMax, WUDI), gives its merged vector instead (:class:`MergedStart`)."""
+        tv = pool.task_vectors()
+        hparams, tuning = self.select(pool, taskpool, tv, ctx)
+        if "lam" not in hparams or self.init_as == "merged_vector":
+            return MergedStart(self.merge(tv, hparams), self.name), tuning
         return float(hparams["lam"]), tuning

@@ -214,6 +214,10 @@ def concrete_merge(base: nn.Module, task_vectors: Mapping[str, Tensor], init: fl
                                   f"{learn_coefficients!r}")
     k, n = num_tasks(task_vectors), len(task_vectors)
     inner = Coefficients(k, n if learn_coefficients == "layer_wise" else None, init, clamp)
+    if not learn_coefficients and not bool(inner.lambdas.detach().ne(0).any()):
+        raise HyperparameterError("Concrete Task Arithmetic keeps λ fixed at method.init, and λ = 0 leaves nothing "
+                                  "for the mask to select (a merged-vector init starts λ at 0); use a λ init, e.g. "
+                                  "method/init=task_arithmetic or method.init=0.3")
     inner.lambdas.requires_grad_(bool(learn_coefficients))
     shapes = {name: tuple(t.shape[1:]) for name, t in task_vectors.items()}
     weighting = ConcreteMask(inner, shapes, temperature, eval_mask, eval_temperature, init_logit, logits_dtype,
