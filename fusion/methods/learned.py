@@ -20,6 +20,7 @@ from fusion.errors import ConfigError
 from fusion.merge.task_vectors import floating_dtype
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.param.contract import MergeRecord, Parametrization, check_parametrization
+from fusion.pools.pool import require_no_distractors
 from fusion.train.module import MergeTraining, NonFiniteLossError
 from fusion.train.objectives import Objective
 
@@ -113,6 +114,8 @@ class LearnedMerge:
 
     def train(self, pool, taskpool, ctx: RunContext, init: Any, tuning: dict | None = None) -> MergeOutcome:
         """Build, train and export the parametrization from the initial value ``init`` (already resolved)."""
+        require_no_distractors(pool, self.name, "writes its learned coefficients, masks and routing labelled one "
+                                                "row per task (fusion.report.merge_files)")
         model = self.build_model(pool, init, ctx)
         module = self.training(model=model, heads=pool.heads, objective=self.objective, optimizer=self.optimizer,
                                scheduler=self.scheduler)
