@@ -243,3 +243,28 @@ def test_shuffled_label_distractors_are_built_cached_and_loaded(tiny_dirs, tiny_
     assert distractor_key("h", 2, 0) != distractor_key("h", 3, 0) != distractor_key("h", 2, 1)
     with pytest.raises(ConfigError, match="count"):
         build_distractors(tmp_path / "e", pool, tiny_taskpool, finetune, count=0, seed=0)
+
+
+def test_padded_benchmark_runs_on_a_tiny_pool(tiny_dirs, tiny_taskpool, tmp_path) -> None:
+    import json
+
+    from benchmarks.fw_padded import main
+    from fusion.pools.distractors import build_distractors
+    from fusion.pools.pool import load_pool
+    from tests.conftest import TINY_RECIPE
+
+    finetune = {**TINY_RECIPE["finetune"], "steps": {"alpha": 2, "beta": 2, "gamma": 2}}
+    distractors = build_distractors(tmp_path / "d", load_pool(tiny_dirs[0]), tiny_taskpool, finetune, count=1, seed=0,
+                                    accelerator="cpu")
+    base = ["modelpool=dir", f"modelpool.directory={tiny_dirs[0]}", "taskpool=dir", f"taskpool.directory={tiny_dirs[1]}"]
+    out = tmp_path / "fw.json"
+    assert main(["--pool", "tiny", *base, "--pool", "padded", *base, f"+modelpool.distractors={distractors}",
+                 "--override", "method.tune=null", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["pools"]) == ["tiny", "padded"]
+    padded = result["pools"]["padded"]
+    assert padded["candidates"] == padded["tasks"] + ["shuffled-alpha-0"]
+    for pool in result["pools"].values():
+        assert set(pool["methods"]) == {"task_arithmetic", "fw_merging"}
+        assert all(0 <= m["test"]["mean_accuracy"] <= 1 for m in pool["methods"].values())
+    assert set(padded["methods"]["fw_merging"]["info"]["mean_weight"]) == set(padded["candidates"])
