@@ -85,6 +85,18 @@ def test_iterates_stay_in_the_convex_hull_with_the_recorded_weights(granularity,
         assert all(len(set(h["choice"].values())) == 1 for h in history)
 
 
+def test_bfloat16_candidates_are_scored_and_accumulated_in_float32() -> None:
+    gen = torch.Generator().manual_seed(4)
+    cands = {"w": torch.randn(3, 4, 4, generator=gen, dtype=D)}
+    target = {"w": torch.randn(4, 4, generator=gen, dtype=D)}
+    low = {"w": cands["w"].to(torch.bfloat16)}
+    delta, history = frank_wolfe(low, _quadratic(target), 4)
+    assert delta["w"].dtype == torch.float32
+    ref, ref_history = frank_wolfe({"w": low["w"].double()}, _quadratic(target), 4)
+    assert [h["choice"] for h in history] == [h["choice"] for h in ref_history]
+    assert torch.allclose(delta["w"].double(), ref["w"], atol=1e-6)
+
+
 def test_fw_finds_the_true_direction_among_noise_where_task_arithmetic_cannot() -> None:
     gen = torch.Generator().manual_seed(1)
     shapes = {"w": (6, 4), "b": (6,)}

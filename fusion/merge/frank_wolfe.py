@@ -49,8 +49,8 @@ def alignment_scores(grad: Mapping[str, Tensor], candidates: Mapping[str, Tensor
     """``{name: Tensor[M]}``: ``⟨g^l, c_m^l⟩`` or its cosine (0 where a norm is 0) for every tensor ``l``."""
     out = {}
     for name, c in candidates.items():
-        g = grad[name].flatten().to(c.dtype)
-        flat = c.flatten(1)
+        dtype = torch.promote_types(torch.promote_types(c.dtype, grad[name].dtype), torch.float32)
+        g, flat = grad[name].flatten().to(dtype), c.flatten(1).to(dtype)  # bfloat16 vectors are scored in float32
         s = flat @ g
         if alignment == "cosine":
             denom = flat.norm(dim=1) * g.norm()
@@ -82,10 +82,11 @@ def fw_step(delta: Mapping[str, Tensor], grad: Mapping[str, Tensor], candidates:
     """``(δ', gap, moved)``: ``δ' = (1 − γ) δ + γ s`` with ``s^l = c_{choice[l]}^l``, skipped per tensor
     (``"layer"``) or for the model (``"model"``) where the Frank–Wolfe gap ``⟨g, δ − s⟩`` is ≤ 0; ``gap`` is the total
     gap and ``moved[l]`` whether tensor ``l`` stepped."""
-    gaps = {n: float((grad[n].to(c.dtype) * (delta[n] - c[choice[n]])).sum()) for n, c in candidates.items()}
+    gaps = {n: float((grad[n].to(delta[n].dtype) * (delta[n] - c[choice[n]].to(delta[n].dtype))).sum())
+            for n, c in candidates.items()}
     move_model = sum(gaps.values()) > 0
     moved = {n: (g > 0 if granularity == "layer" else move_model) for n, g in gaps.items()}
-    out = {n: (1 - gamma) * delta[n] + gamma * c[choice[n]] if moved[n] else delta[n].clone()
+    out = {n: (1 - gamma) * delta[n] + gamma * c[choice[n]].to(delta[n].dtype) if moved[n] else delta[n].clone()
            for n, c in candidates.items()}
     return out, sum(gaps.values()), moved
 
@@ -118,8 +119,9 @@ def frank_wolfe(candidates: Mapping[str, Tensor], gradient: Callable[[StateDict]
     check_fw_hyperparameters(iterations, step_size, granularity, alignment)
     if not candidates:
         raise HyperparameterError("frank_wolfe needs at least one candidate tensor, got an empty mapping")
-    delta = {n: torch.zeros_like(c[0]) for n, c in candidates.items()} if init is None else \
-        {n: init[n].to(c.dtype).clone() for n, c in candidates.items()}
+    dtype = {n: torch.promote_types(c.dtype, torch.float32) for n, c in candidates.items()}  # δ accumulates in ≥ fp32
+    delta = {n: torch.zeros(c.shape[1:], dtype=dtype[n], device=c.device) if init is None else
+             init[n].to(dtype[n]).clone() for n, c in candidates.items()}
     history = []
     for t in range(int(iterations)):
         grad = gradient(delta)
