@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,10 +213,7 @@ def test_objective_gradient_matches_autograd_on_a_loaded_model() -> None:
 
 
 def test_fw_merging_runs_on_a_padded_pool_and_records_its_choices(tmp_path) -> None:
-    pool, tasks = tiny_model_pool(distractors=2), TinyTasks()
-    pool.encoder.float(), pool.heads.float()
-    pool.experts = {t: {n: v.float() for n, v in s.items()} for t, s in pool.experts.items()}
-    pool.distractors = {t: {n: v.float() for n, v in s.items()} for t, s in pool.distractors.items()}
+    pool, tasks = _float_pool(distractors=2), TinyTasks()
     method = FrankWolfeMerge(iterations=3, num_samples=20, batch_size=10, granularity="model", init_lam=0.1)
     out = method.run(pool, tasks, RunContext(output_dir=tmp_path))
     assert out.info["candidates"] == ["t0", "t1", "noise0", "noise1"]
@@ -227,6 +225,43 @@ def test_fw_merging_runs_on_a_padded_pool_and_records_its_choices(tmp_path) -> N
     ta = {n: v + 0.1 * t.sum(0) for (n, v), t in zip(pool.pretrained_state().items(), pool.task_vectors().values())}
     assert any(not torch.allclose(merged[n], ta[n]) for n in ta)  # it moved away from its TA start
     assert "FW-Merging" in out.protocol and "4 candidate task vectors" in out.protocol
+
+
+def _float_pool(distractors: int = 0) -> ModelPool:
+    pool = tiny_model_pool(distractors)
+    pool.encoder.float(), pool.heads.float()
+    pool.experts = {t: {n: v.float() for n, v in s.items()} for t, s in pool.experts.items()}
+    pool.distractors = {t: {n: v.float() for n, v in s.items()} for t, s in pool.distractors.items()}
+    return pool
+
+
+@pytest.mark.parametrize("init_lam", [0.0, 0.2])
+def test_as_an_init_it_gives_the_task_coefficients_of_its_merge(tmp_path, init_lam) -> None:
+    from fusion.merge.combine import combine
+
+    pool, ctx = _float_pool(), RunContext(output_dir=tmp_path)
+    method = FrankWolfeMerge(iterations=4, num_samples=20, batch_size=10, scale=1.5, init_lam=init_lam)
+    lam, record = method.initial_coefficient(pool, TinyTasks(), ctx)
+    assert len(lam) == 2 and record["fw_merging"]["scale"] == 1.5
+    merged = method.run(pool, TinyTasks(), ctx).encoder.state_dict()
+    rebuilt = combine(pool.task_vectors(), torch.tensor(lam))
+    theta0 = pool.pretrained_state()
+    for n, d in rebuilt.items():
+        assert torch.allclose(merged[n], theta0[n] + d, atol=1e-6), n
+    with pytest.raises(ConfigError, match="granularity=model"):
+        FrankWolfeMerge(granularity="layer").initial_coefficient(pool, TinyTasks(), ctx)
+
+
+def test_init_config_composes_under_a_learned_method() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["method=adamerging_task_wise", "method/init=fw_merging"])
+    method = instantiate(cfg.method)
+    assert isinstance(method.init, FrankWolfeMerge) and method.init.objective.name == "cross_entropy"
+    assert method.objective.name == "entropy"  # the learned method keeps its own objective
 
 
 # ----------------------------------------------------------------------------------------------- the builder

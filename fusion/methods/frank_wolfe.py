@@ -63,7 +63,7 @@ class FrankWolfeMerge:
     """
 
     def __init__(self, name: str = "fw_merging", objective: Objective | None = None, iterations: int = 10,
-                 step_size: float = 1.0, scale: float = 1.0, granularity: str = "layer", alignment: str = "inner",
+                 step_size: float = 1.0, scale: float = 1.0, granularity: str = "model", alignment: str = "inner",
                  init_lam: float = 0.0, num_samples: int = 100, batch_size: int = 50, split: str = "val",
                  tune: Mapping[str, Sequence[float]] | None = None):
         check_fw_hyperparameters(iterations, step_size, granularity, alignment)
@@ -95,29 +95,32 @@ class FrankWolfeMerge:
                                      self.alignment, init)
         w = candidate_weights(history, list(candidates), len(names))
         tensors = list(candidates)
-        record = {"mean_weight": {n: round(float(w[m].mean()), 4) for m, n in enumerate(names)},
+        record = {"mean_weight": {n: float(w[m].mean()) for m, n in enumerate(names)},
                   "iterations": [{"gamma": h["gamma"], "gap": h["gap"],
                                   "chosen": _counts(names, [h["choice"][t] for t in tensors if h["moved"][t]])}
                                  for h in history]}
         return delta, record
 
-    def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+    def select(self, pool, taskpool, ctx: RunContext) -> tuple[float, StateDict, dict[str, Any], dict | None]:
+        """``(scale, δ, record, tuning)``: the Frank–Wolfe run at ``scale`` or, with ``tune``, at the scale with the
+        best mean val accuracy (the gradient samples are drawn once and shared by every run)."""
         batches = {t: sample_labeled_batches(taskpool, t, self.num_samples, self.batch_size, ctx.seed + i,
                                              split=self.split, device=ctx.device) for i, t in enumerate(pool.tasks)}
-        theta0 = pool.pretrained_state()
-        gradient = objective_gradient(pool.encoder, pool.heads, theta0, batches, self.objective)
+        gradient = objective_gradient(pool.encoder, pool.heads, pool.pretrained_state(), batches, self.objective)
         scales = self.tune.get("scale", [self.scale])
         runs = {scale: self.merge(pool, gradient, scale) for scale in scales}
-        scale, tuning = self.scale, None
-        if self.tune:
-            scores = []
-            for s in scales:
-                acc = ctx.evaluate(merged_encoder(pool, runs[s][0]), pool.heads, taskpool, "val")
-                scores.append({"scale": s, "mean_accuracy": sum(acc.values()) / len(acc)})
-                log.info("fw_merging scale %s: val mean accuracy %.4f", s, scores[-1]["mean_accuracy"])
-            pick = max(scores, key=lambda r: r["mean_accuracy"])
-            scale, tuning = pick["scale"], {"on": "val", "grid": self.tune, "scores": scores, "best": pick}
-        delta, record = runs[scale]
+        if not self.tune:
+            return self.scale, *runs[self.scale], None
+        scores = []
+        for s in scales:
+            acc = ctx.evaluate(merged_encoder(pool, runs[s][0]), pool.heads, taskpool, "val")
+            scores.append({"scale": s, "mean_accuracy": sum(acc.values()) / len(acc)})
+            log.info("fw_merging scale %s: val mean accuracy %.4f", s, scores[-1]["mean_accuracy"])
+        pick = max(scores, key=lambda r: r["mean_accuracy"])
+        return pick["scale"], *runs[pick["scale"]], {"on": "val", "grid": self.tune, "scores": scores, "best": pick}
+
+    def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        scale, delta, record, tuning = self.select(pool, taskpool, ctx)
         info = {"hyperparameters": {"iterations": self.iterations, "step_size": self.step_size, "scale": scale,
                                     "granularity": self.granularity, "alignment": self.alignment,
                                     "init_lam": self.init_lam, "num_samples_per_task": self.num_samples,
@@ -128,6 +131,17 @@ class FrankWolfeMerge:
                             f"FW-Merging: {self.objective.name} gradients from {self.num_samples} {data} "
                             f"{self.split} examples per task over {len(pool.candidates)} candidate task vectors"
                             + ("; scale tuned on the labeled val split" if tuning else ""))
+
+    def initial_coefficient(self, pool, taskpool, ctx: RunContext) -> tuple[list[float], dict[str, Any]]:
+        """One λ per task vector for a learned merge (``method/init=fw_merging``): model-wise, the result is
+        ``δ = Σ_m λ_m τ_m`` with ``λ_m = scale·w_m + init_lam·w_initial`` (the convex weights of the run)."""
+        if self.granularity != "model":
+            raise ConfigError("fw_merging as an init gives one λ per task only model-wise; layer-wise weights differ "
+                              "per tensor. Set method.init.granularity=model")
+        scale, _, record, tuning = self.select(pool, taskpool, ctx)
+        w = record["mean_weight"]
+        lam = [scale * w[n] + self.init_lam * w.get("initial", 0.0) for n in pool.candidates]
+        return lam, {"fw_merging": {"scale": scale, "mean_weight": w}, "tuning": tuning}
 
 
 def _counts(names: list[str], picks: list[int]) -> dict[str, int]:
