@@ -315,3 +315,18 @@ def test_padded_benchmark_runs_on_a_tiny_pool(tiny_dirs, tiny_taskpool, tmp_path
         assert set(pool["methods"]) == {"task_arithmetic", "fw_merging"}
         assert all(0 <= m["test"]["mean_accuracy"] <= 1 for m in pool["methods"].values())
     assert set(padded["methods"]["fw_merging"]["info"]["mean_weight"]) == set(padded["candidates"])
+
+
+def test_padded_mini8_distractors_are_cached_by_their_hash(tiny_dirs, tiny_taskpool, monkeypatch) -> None:
+    import fusion.pools.distractors as distractors
+    from fusion.errors import MissingFileError
+    from fusion.pools.mini8 import padded_dir
+    from tests.conftest import TINY_RECIPE
+
+    recipe = {**TINY_RECIPE, "finetune": {**TINY_RECIPE["finetune"], "steps": {"alpha": 2, "beta": 2, "gamma": 2}}}
+    first = padded_dir(tiny_dirs[0], {"count": 1, "seed": 5}, tiny_taskpool, recipe, build_if_missing=True)
+    assert first.parent == tiny_dirs[0].parent and (first / "manifest.json").is_file()
+    monkeypatch.setattr(distractors, "build_distractors", lambda *a, **k: pytest.fail("rebuilt a cached set"))
+    assert padded_dir(tiny_dirs[0], {"count": 1, "seed": 5}, tiny_taskpool, recipe, build_if_missing=True) == first
+    with pytest.raises(MissingFileError, match="build_if_missing"):
+        padded_dir(tiny_dirs[0], {"count": 1, "seed": 6}, tiny_taskpool, recipe, build_if_missing=False)
