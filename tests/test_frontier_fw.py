@@ -235,12 +235,13 @@ def _float_pool(distractors: int = 0) -> ModelPool:
     return pool
 
 
-@pytest.mark.parametrize("init_lam", [0.0, 0.2])
-def test_as_an_init_it_gives_the_task_coefficients_of_its_merge(tmp_path, init_lam) -> None:
+@pytest.mark.parametrize("init_lam, step_size", [(0.0, 1.0), (0.2, 1.0), (0.0, 0.5), (0.2, 0.5)])
+def test_as_an_init_it_gives_the_task_coefficients_of_its_merge(tmp_path, init_lam, step_size) -> None:
     from fusion.merge.combine import combine
 
     pool, ctx = _float_pool(), RunContext(output_dir=tmp_path)
-    method = FrankWolfeMerge(iterations=4, num_samples=20, batch_size=10, scale=1.5, init_lam=init_lam)
+    method = FrankWolfeMerge(iterations=4, num_samples=20, batch_size=10, scale=1.5, init_lam=init_lam,
+                             step_size=step_size)
     lam, record = method.initial_coefficient(pool, TinyTasks(), ctx)
     assert len(lam) == 2 and record["fw_merging"]["scale"] == 1.5
     merged = method.run(pool, TinyTasks(), ctx).encoder.state_dict()
@@ -314,7 +315,9 @@ def test_padded_benchmark_runs_on_a_tiny_pool(tiny_dirs, tiny_taskpool, tmp_path
     for pool in result["pools"].values():
         assert set(pool["methods"]) == {"task_arithmetic", "fw_merging"}
         assert all(0 <= m["test"]["mean_accuracy"] <= 1 for m in pool["methods"].values())
-    assert set(padded["methods"]["fw_merging"]["info"]["mean_weight"]) == set(padded["candidates"])
+    weights = padded["methods"]["fw_merging"]["info"]["mean_weight"]
+    assert list(weights) == padded["candidates"] + ["pretrained"]
+    assert sum(weights.values()) == pytest.approx(1.0)
 
 
 def test_padded_mini8_distractors_are_cached_by_their_hash(tiny_dirs, tiny_taskpool, monkeypatch) -> None:

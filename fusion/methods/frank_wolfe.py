@@ -93,9 +93,12 @@ class FrankWolfeMerge:
             names.append("initial")
         delta, history = frank_wolfe(candidates, gradient, self.iterations, self.step_size, self.granularity,
                                      self.alignment, init)
-        w = candidate_weights(history, list(candidates), len(names))
         tensors = list(candidates)
-        record = {"mean_weight": {n: float(w[m].mean()) for m, n in enumerate(names)},
+        w = candidate_weights(history, tensors, len(names))  # the last row: what stays on the starting point
+        weights = {n: float(w[m].mean()) for m, n in enumerate(names)}
+        start = "pretrained" if init is None else "initial"  # δ_0 = 0 (θ0) or the TA start, itself a vertex
+        weights[start] = weights.get(start, 0.0) + float(w[-1].mean())
+        record = {"mean_weight": weights,
                   "iterations": [{"gamma": h["gamma"], "gap": h["gap"],
                                   "chosen": _counts(names, [h["choice"][t] for t in tensors if h["moved"][t]])}
                                  for h in history]}
