@@ -13,6 +13,7 @@ from fusion.errors import ConfigError
 from fusion.merge.opcm import opcm
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.static import merged_encoder
+from fusion.pools.pool import require_no_distractors
 
 
 class OPCMMerge:
@@ -24,6 +25,7 @@ class OPCMMerge:
         self.name, self.alpha, self.num_orders = name, alpha, num_orders
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        require_no_distractors(pool, self.name, "merges the experts in task orders")
         theta0 = pool.pretrained_state()
         gen = torch.Generator().manual_seed(ctx.seed)
         orders, first = [], None

@@ -19,18 +19,25 @@ from fusion.merge.regmean import default_linear_names, gram_matrices, regmean_de
 from fusion.merge.regmean_plusplus import regmean_plusplus
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.static import StaticMerge, merged_encoder
+from fusion.pools.pool import require_no_distractors
 
 log = logging.getLogger(__name__)
 
 
-def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed: int, split: str = "train",
-                   device: str | torch.device = "cpu"):
-    """``num_samples`` seeded images of ``task``'s ``split`` as a list of ``[B, 3, H, W]`` batches on ``device``."""
+def sample_labeled_batches(taskpool, task: str, num_samples: int, batch_size: int, seed: int, split: str = "train",
+                           device: str | torch.device = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``num_samples`` seeded examples of ``task``'s ``split`` as ``([B, 3, H, W], [B])`` batches on ``device``."""
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"num_samples and batch_size must be ≥ 1, got {num_samples} and {batch_size}")
     ds = check_task_dataset(taskpool.dataset(task, split), f"task '{task}' ({split})")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return [ds.batch(idx[i:i + batch_size])[0].to(device) for i in range(0, len(idx), batch_size)]
+    return [tuple(t.to(device) for t in ds.batch(idx[i:i + batch_size])) for i in range(0, len(idx), batch_size)]
+
+
+def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed: int, split: str = "train",
+                   device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """The images of :func:`sample_labeled_batches` (the same seeded draw): ``[B, 3, H, W]`` batches."""
+    return [x for x, _ in sample_labeled_batches(taskpool, task, num_samples, batch_size, seed, split, device)]
 
 
 def expert_fishers(pool, taskpool, ctx: RunContext, num_samples: int, batch_size: int) -> list[dict]:
@@ -67,6 +74,7 @@ class FisherMerge:
         self.floor, self.normalize = floor, normalize
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        require_no_distractors(pool, self.name)
         fishers = expert_fishers(pool, taskpool, ctx, self.num_samples, self.batch_size)
         experts = [pool.expert_state(task) for task in pool.tasks]
         delta = fisher_merge_delta(pool.pretrained_state(), experts, fishers, floor=self.floor,
@@ -89,6 +97,7 @@ class RegMeanMerge:
         self.name, self.num_samples, self.batch_size, self.alpha = name, num_samples, batch_size, alpha
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        require_no_distractors(pool, self.name)
         grams = expert_grams(pool, taskpool, ctx, self.num_samples, self.batch_size)
         experts = [pool.expert_state(task) for task in pool.tasks]
         delta = regmean_delta(pool.pretrained_state(), experts, grams, self.alpha)
@@ -120,6 +129,7 @@ class RegMeanPlusPlusMerge:
         self.blocks = blocks
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        require_no_distractors(pool, self.name)
         batches = [_lazy_batches(taskpool, task, self.num_samples, self.batch_size, ctx.seed + i, ctx.device)
                    for i, task in enumerate(pool.tasks)]
         merged, grams = regmean_plusplus(pool.encoder, [pool.experts[t] for t in pool.tasks], batches,
@@ -157,6 +167,7 @@ class MaTSMerge:
         self.tune = tune
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        require_no_distractors(pool, self.name)
         if self.curvature == "regmean":
             grams = expert_grams(pool, taskpool, ctx, self.num_samples, self.batch_size)
             solve = functools.partial(lambda tv, **h: mats_regmean(tv, grams, **h), **self.hyperparameters)

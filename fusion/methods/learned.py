@@ -21,6 +21,7 @@ from fusion.merge.task_vectors import floating_dtype
 from fusion.methods.base import MergedStart, MergeOutcome, RunContext
 from fusion.methods.static import merged_encoder
 from fusion.param.contract import MergeRecord, Parametrization, check_parametrization
+from fusion.pools.pool import require_no_distractors
 from fusion.train.module import MergeTraining, NonFiniteLossError
 from fusion.train.objectives import Objective
 
@@ -71,9 +72,11 @@ def describe_init(init: Any) -> Any:
 
 
 def initial_value(init: Any, pool, taskpool, ctx: RunContext) -> tuple[Any, dict[str, Any] | None]:
-    """``(λ_0, tuning record)``: a fixed ``init`` (a float or one per task) as it is, or the val-tuned ``lam`` of a
-    static merge (``method/init=task_arithmetic``) or the searched λ of an evolutionary search
-    (``method/init=evolutionary_layer_wise``). ``init`` is declared as that union; this picks its branch."""
+    """``(λ_0, tuning record)``: a fixed ``init`` (a float or one per task) as it is, the val-tuned ``lam`` of a
+    static merge (``method/init=task_arithmetic``), the searched λ of an evolutionary search
+    (``method/init=evolutionary_layer_wise``), or the merged vector (:class:`MergedStart`) of a merge without λ
+    (``method/init=tsv_m``) or of any single-model method (``method/init=regmean``). ``init`` is declared as that
+    union; this picks its branch."""
     if isinstance(init, InitialCoefficient):
         return init.initial_coefficient(pool, taskpool, ctx)
     if isinstance(init, MergeMethod):
@@ -155,6 +158,8 @@ class LearnedMerge:
 
     def train(self, pool, taskpool, ctx: RunContext, init: Any, tuning: dict | None = None) -> MergeOutcome:
         """Build, train and export the parametrization from the initial value ``init`` (already resolved)."""
+        require_no_distractors(pool, self.name, "writes its learned coefficients, masks and routing labelled one "
+                                                "row per task (fusion.report.merge_files)")
         model = self.build_model(pool, init, ctx)
         module = self.training(model=model, heads=pool.heads, objective=self.objective, optimizer=self.optimizer,
                                scheduler=self.scheduler)

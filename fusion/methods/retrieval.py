@@ -15,6 +15,7 @@ from fusion.errors import ConfigError
 from fusion.merge.retrieval import TaskSpecific, tensor_bytes
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.static import as_partial, grid, merged_encoder
+from fusion.pools.pool import require_no_distractors
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class TaskRetrieval:
                                         "scores": scores, "chosen": chosen}
 
     def run(self, pool, taskpool, ctx: RunContext) -> MergeOutcome:
+        require_no_distractors(pool, self.name, "keeps one model per task")
         tv = pool.task_vectors()
         hparams, tuning = self.select(pool, taskpool, tv, ctx)
         compressed = self.fn(tv, **hparams)

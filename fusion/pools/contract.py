@@ -48,13 +48,17 @@ class Backbone(Protocol):
     def tasks(self) -> list[str]: ...
 
     @property
+    def candidates(self) -> list[str]:
+        """The names of the stacked task vectors: :attr:`tasks`, then any distractors (experts with no task)."""
+
+    @property
     def pool_hash(self) -> str: ...
 
     def to(self, device: str | torch.device) -> "Backbone": ...
 
     def task_vectors(self, dtype: torch.dtype | None = None,
                      device: str | torch.device | None = None) -> dict[str, Tensor]:
-        """Stacked ``{name: Tensor[K, *shape]}`` in the order of :attr:`tasks`."""
+        """Stacked ``{name: Tensor[K + M, *shape]}`` in the order of :attr:`candidates`."""
 
     def pretrained_state(self) -> dict[str, Tensor]: ...
 
@@ -66,8 +70,8 @@ class Backbone(Protocol):
         """A hash of the weights (for caches of measured results)."""
 
 
-POOL_MEMBERS: Sequence[str] = ("name", "encoder", "heads", "manifest", "tasks", "pool_hash", "to", "task_vectors",
-                               "pretrained_state", "expert_state", "expert_encoder", "content_key")
+POOL_MEMBERS: Sequence[str] = ("name", "encoder", "heads", "manifest", "tasks", "candidates", "pool_hash", "to",
+                               "task_vectors", "pretrained_state", "expert_state", "expert_encoder", "content_key")
 HEADS_MEMBERS: Sequence[str] = ("tasks", "__call__", "num_classes", "to")
 
 

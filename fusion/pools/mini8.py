@@ -109,8 +109,12 @@ def pool_report(pool: ModelPool, taskpool, device: str = "cpu") -> dict[str, Any
 
 
 def mini8_pool(recipe: Mapping[str, Any], root: str | None = None, build_if_missing: bool = True,
-               tasks: list[str] | None = None, taskpool=None, num_threads: int | None = None) -> ModelPool:
+               tasks: list[str] | None = None, taskpool=None, num_threads: int | None = None,
+               distractors: Mapping[str, int] | None = None) -> ModelPool:
     """Load the mini8 pool for ``recipe`` from the cache, building it (and the data) first if needed.
+
+    ``distractors``: ``{count, seed}`` pads the pool with ``count`` shuffled-label experts
+    (:mod:`fusion.pools.distractors`), built once next to the pool (``<pool dir>-distractors-<hash>``) and cached.
 
     ``num_threads``: set torch's threads first; ``None`` keeps the current setting (the app sets it from the
     top-level ``num_threads``; resetting it here would undo a user's ``num_threads=1``).
@@ -137,4 +141,24 @@ def mini8_pool(recipe: Mapping[str, Any], root: str | None = None, build_if_miss
                                     "modelpool.build_if_missing=true (about 8 minutes on 2 CPU cores)")
         log.info("building the mini8 pool into %s (once; cached)", out_dir)
         build_pool(out_dir, taskpool or mini8_taskpool(), recipe, data_manifest)
-    return load_pool(out_dir, name="mini8", tasks=tasks)
+    if not distractors:
+        return load_pool(out_dir, name="mini8", tasks=tasks)
+    padding = padded_dir(out_dir, distractors, taskpool or mini8_taskpool(), recipe, build_if_missing)
+    return load_pool(out_dir, name=f"mini8+{int(distractors['count'])}shuffled", tasks=tasks, distractors=padding)
+
+
+def padded_dir(out_dir: Path, distractors: Mapping[str, int], taskpool, recipe: Mapping[str, Any],
+               build_if_missing: bool) -> Path:
+    """The directory of the pool's distractors (:func:`fusion.pools.distractors.build_distractors`), built if
+    missing: about as long as the pool's own experts (~6.5 min on 2 CPU cores for 8)."""
+    from fusion.pools.distractors import build_distractors, distractor_key
+
+    pool = load_pool(out_dir, name="mini8")
+    count, seed = int(distractors["count"]), int(distractors.get("seed", 0))
+    directory = out_dir.parent / f"{out_dir.name}-distractors-{distractor_key(pool.pool_hash, count, seed)}"
+    if not (directory / "manifest.json").is_file():
+        if not build_if_missing:
+            raise MissingFileError(f"no distractors at {directory}; run with modelpool.build_if_missing=true")
+        log.info("building %d shuffled-label distractors into %s (once; cached)", count, directory)
+        build_distractors(directory, pool, taskpool, recipe["finetune"], count, seed)
+    return directory

@@ -6,6 +6,12 @@ A pool on disk (written by :func:`save_pool`, read by :func:`load_pool`)::
     <dir>/experts/<task>.safetensors   the fine-tuned image encoder of each task (keys of ``model.visual``)
     <dir>/heads.safetensors            {task: Tensor[C_t, D]}, metadata ``logit_scale``
     <dir>/manifest.json                recipe, seed, accuracies, hashes, task-vector statistics
+
+*Distractors* (``load_pool(..., distractors=DIR)``, ``DIR/<name>.safetensors``, e.g. mini8 experts fine-tuned on
+shuffled labels, :func:`fusion.pools.distractors.build_distractors`) are extra candidate experts with no task of
+their own: validated like experts, their task vectors follow the ``K`` task experts' in :meth:`ModelPool.task_vectors`
+(:attr:`ModelPool.candidates` names them all), while :attr:`ModelPool.tasks` (evaluation, heads) is unchanged.
+Methods that pair expert ``k`` with task ``k``'s data call :func:`require_no_distractors`.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusion.errors import MissingFileError
+from fusion.errors import ConfigError, MissingFileError
 from fusion.merge.task_vectors import StateDict, TaskVectors, check_finite, stack_task_vectors, validate_compatible
 from fusion.pools.heads import ZeroShotHeads
 from fusion.pools.openclip import copy_with_state, freeze, load_clip_dir, save_clip_dir
@@ -42,6 +48,7 @@ class ModelPool:
     manifest: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # task -> where its expert came from
     clip_dir: str | None = None  # an open_clip local-dir of the whole pretrained CLIP, for exporting merges
+    distractors: dict[str, StateDict] = field(default_factory=dict)  # candidate experts with no task (see above)
 
     def __post_init__(self) -> None:
         freeze(self.encoder)
@@ -49,6 +56,12 @@ class ModelPool:
         check_finite(reference, name=f"pool '{self.name}': the pretrained model", source=self.clip_dir or "<memory>")
         for task, state in self.experts.items():
             validate_compatible(reference, state, name=f"expert '{task}'", source=self.sources.get(task, "<memory>"))
+        clash = sorted(set(self.distractors) & set(self.experts))
+        if clash:
+            raise ValueError(f"pool '{self.name}': distractors {clash} have the names of task experts; rename them")
+        for name, state in self.distractors.items():
+            validate_compatible(reference, state, name=f"distractor '{name}'", source=self.sources.get(name, "<memory>"))
+            check_finite(state, name=f"distractor '{name}'", source=self.sources.get(name, "<memory>"))
         missing = [t for t in self.experts if t not in self.heads.tasks]
         if missing:
             raise ValueError(f"pool '{self.name}': experts {missing} have no zero-shot head; heads: {self.heads.tasks}")
@@ -57,6 +70,11 @@ class ModelPool:
     def tasks(self) -> list[str]:
         return list(self.experts)
 
+    @property
+    def candidates(self) -> list[str]:
+        """The names of the stacked task vectors: the tasks, then the distractors."""
+        return self.tasks + list(self.distractors)
+
     def select(self, tasks: Sequence[str] | None) -> "ModelPool":
         """The same pool restricted to ``tasks`` (in that order); ``None`` keeps all."""
         if tasks is None:
@@ -64,8 +82,10 @@ class ModelPool:
         unknown = [t for t in tasks if t not in self.experts]
         if unknown:
             raise KeyError(f"pool '{self.name}' has no experts for {unknown}; it has {self.tasks}")
+        keep = list(tasks) + list(self.distractors)
         return ModelPool(self.name, self.encoder, {t: self.experts[t] for t in tasks}, self.heads,
-                         self.manifest, {t: self.sources.get(t, "<memory>") for t in tasks}, self.clip_dir)
+                         self.manifest, {t: self.sources.get(t, "<memory>") for t in keep}, self.clip_dir,
+                         self.distractors)
 
     def to(self, device: str | torch.device) -> "ModelPool":
         """Move θ0 and the heads to ``device`` (in place): task vectors, expert encoders and merges are then made
@@ -88,10 +108,12 @@ class ModelPool:
         return {k: v.detach() for k, v in self.encoder.state_dict().items()}
 
     def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> TaskVectors:
-        """Stacked ``{name: Tensor[K, *shape]}`` in the order of :attr:`tasks`, on ``device`` (default: the pool's)."""
+        """Stacked ``{name: Tensor[K + M, *shape]}`` in the order of :attr:`candidates` (the ``K`` tasks, then the
+        ``M`` distractors), on ``device`` (default: the pool's)."""
         device = torch.device(device) if device is not None else self.device
         theta0 = {k: v.to(device) for k, v in self.pretrained_state().items()}
-        return stack_task_vectors(theta0, [self.experts[t] for t in self.tasks], dtype=dtype)
+        states = [self.experts[t] for t in self.tasks] + list(self.distractors.values())
+        return stack_task_vectors(theta0, states, dtype=dtype)
 
     def expert_encoder(self, task: str) -> nn.Module:
         """A frozen copy of the encoder holding ``task``'s expert weights."""
@@ -103,11 +125,27 @@ class ModelPool:
         files = self.manifest.get("files")
         if not files:
             files = {t: _stat(src) for t, src in sorted(self.sources.items())}
-        return sha256_json([self.pool_hash, files, self.tasks])[:16]
+        key = [self.pool_hash, files, self.tasks]
+        if self.distractors:
+            key.append({n: _stat(self.sources.get(n, "<memory>")) for n in self.distractors})
+        return sha256_json(key)[:16]
 
     @property
     def pool_hash(self) -> str:
         return self.manifest.get("pool_hash") or sha256_json(self.manifest)[:16]
+
+
+PAIRS_DATA = "pairs each expert with its own task's data"
+
+
+def require_no_distractors(pool, method: str, reason: str = PAIRS_DATA) -> None:
+    """:class:`ConfigError` when ``pool`` has distractors and ``method`` needs one task per expert (``reason``:
+    it pairs expert ``k`` with task ``k``'s data, or its records label one row per task)."""
+    extra = [n for n in pool.candidates if n not in pool.tasks]
+    if extra:
+        raise ConfigError(f"method '{method}' {reason}, but the model pool has distractors {extra} with no task "
+                          "(modelpool.distractors); run it on a pool without distractors, or use a method over all "
+                          "task vectors (task_arithmetic, ties, fw_merging, ...)")
 
 
 def _stat(source: str) -> list:
@@ -132,8 +170,19 @@ def save_pool(directory: str | Path, clip: nn.Module, model_cfg: dict[str, Any],
     return directory
 
 
-def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[str] | None = None) -> ModelPool:
-    """Read a pool written by :func:`save_pool` (safetensors only: nothing is unpickled)."""
+def load_distractors(directory: str | Path) -> tuple[dict[str, StateDict], dict[str, str]]:
+    """``({name: state}, {name: file})`` of every ``DIR/<name>.safetensors``, in name order."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise MissingFileError(f"modelpool.distractors={directory}: no <name>.safetensors expert files there "
+                               "(build them with fusion-build-mini8 --distractors N, or fix the path)")
+    return {f.stem: read_safetensors(f) for f in files}, {f.stem: str(f) for f in files}
+
+
+def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[str] | None = None,
+              distractors: str | Path | None = None) -> ModelPool:
+    """Read a pool written by :func:`save_pool` (safetensors only: nothing is unpickled); ``distractors``: a
+    directory of extra expert files appended as task-less candidates (see the module docstring)."""
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
@@ -152,5 +201,9 @@ def load_pool(directory: str | Path, name: str | None = None, tasks: Sequence[st
             raise MissingFileError(f"expert for task '{task}' not found at {path}; available: "
                                    f"{sorted(p.stem for p in (directory / 'experts').glob('*.safetensors'))}")
         experts[task], sources[task] = read_safetensors(path), str(path)
+    extra: dict[str, StateDict] = {}
+    if distractors is not None:
+        extra, extra_sources = load_distractors(distractors)
+        sources.update(extra_sources)
     return ModelPool(name or manifest.get("name", directory.name), clip.visual, experts, heads, manifest, sources,
-                     str(directory / "pretrained"))
+                     str(directory / "pretrained"), extra)
