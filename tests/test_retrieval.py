@@ -145,6 +145,7 @@ def test_task_models_are_rebuilt_and_evaluated_per_task(tiny_pool, tiny_taskpool
     storage = outcome.info["storage"]
     assert storage["task_vectors_bytes"] == sum(t.numel() * t.element_size() for t in tv.values())
     assert 0 < storage["fraction_of_task_vectors"] < 0.5  # one vector + K bit masks instead of K vectors (K = 3)
+    assert storage["fraction_of_experts"] == pytest.approx(storage["fraction_of_task_vectors"] + 1 / 3)  # + θ_0
     got = evaluate(outcome.encoder, tiny_pool.heads, tiny_taskpool, split="test")
     compressed = emr(tv)
     for k, task in enumerate(tiny_pool.tasks):  # the independent rebuild: θ_0 + λ_k M_k ⊙ τ_uni, one task at a time

@@ -39,12 +39,13 @@ class TaskEncoders(Mapping):
 
 
 def storage(compressed: TaskSpecific, tv) -> dict[str, Any]:
-    """Bytes stored besides θ_0 against K task vectors (= K experts minus θ_0) at the pool's dtype."""
+    """Bytes stored besides θ_0 against the K task vectors, and with θ_0 against the K experts (at the task
+    vectors' dtype)."""
     kept = compressed.stored_bytes()
-    experts = tensor_bytes(tv)
+    vectors, k = tensor_bytes(tv), next(iter(tv.values())).shape[0]
     total = kept["shared"] + kept["per_task"]
-    return {**{f"{k}_bytes": v for k, v in kept.items()}, "stored_bytes": total, "task_vectors_bytes": experts,
-            "fraction_of_task_vectors": total / experts}
+    return {**{f"{name}_bytes": v for name, v in kept.items()}, "stored_bytes": total, "task_vectors_bytes": vectors,
+            "fraction_of_task_vectors": total / vectors, "fraction_of_experts": (total + vectors / k) / vectors}
 
 
 class TaskRetrieval:
