@@ -6,6 +6,11 @@
     fusion trainer=gpu                       # everything (merges, statistics, training, evaluation) on the GPU
     fusion trainer=ddp trainer.devices=4     # learned methods on 4 GPUs (only rank 0 evaluates and writes)
     fusion resume=outputs/<method>/<time>    # continue a learned run from its checkpoints/last.ckpt
+
+The entry point ``fusion-merge`` (conf/stream.yaml): a static merge of HF checkpoint directories, streamed tensor
+by tensor (:mod:`fusion.stream`):
+
+    fusion-merge method=ties base=DIR experts=[DIR1,DIR2] output=OUT [max_shard_size=2GB] [device=cuda]
 """
 from __future__ import annotations
 
@@ -242,6 +247,45 @@ def report_user_errors(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns the mean test accuracy (for Hydra sweepers; None on DDP ranks > 0)."""
     return train(cfg).get("mean_accuracy")
+
+
+def merge_checkpoints(cfg: DictConfig) -> Path:
+    """``fusion-merge``: the configured static method's ``fn`` (default hyperparameters; its ``tune`` grid needs
+    validation data and is ignored with a warning) streamed over ``base`` and ``experts`` into ``output``."""
+    from hydra.utils import get_class
+
+    from fusion.methods.static import StaticMerge
+    from fusion.stream import stream_merge
+
+    missing = [key for key in ("base", "experts", "output") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise ConfigError(f"fusion-merge needs {missing}: fusion-merge method=ties base=DIR experts=[DIR1,DIR2] "
+                          "output=NEW_DIR (directories written by save_pretrained, or peft LoRA adapters)")
+    if not issubclass(get_class(cfg.method._target_), StaticMerge):
+        raise ConfigError(f"method '{cfg.method.get('name')}' ({cfg.method._target_}) is not a data-free static merge; "
+                          "fusion-merge streams only those (data-based and learned merges need the experts in memory "
+                          "and task data: run them with `fusion`)")
+    method = instantiate(cfg.method)
+    if method.postprocess is not None:
+        raise ConfigError(f"method '{method.name}': postprocess (LiNeS) scales by depth over the whole model and is "
+                          "not streamed; drop method/postprocess")
+    if method.tune:
+        log.warning("method '%s': its tune grid %s needs labeled validation data and is ignored; merging with the "
+                    "defaults %s (set method.fn.<name>=value to change them)", method.name, dict(method.tune),
+                    method.fn.keywords)
+    device = resolve_device(cfg.device, source="device")
+    experts = list(cfg.experts) if OmegaConf.is_list(cfg.experts) else [cfg.experts]
+    out = stream_merge(method.fn, cfg.base, experts, cfg.output, method=method.name,
+                       max_shard_size=cfg.max_shard_size, device=str(device))
+    log.info("merged %d experts with %s into %s", len(experts), method.name, out)
+    return out
+
+
+@hydra.main(config_path=CONF_DIR, config_name="stream", version_base="1.3")
+@report_user_errors
+def merge_main(cfg: DictConfig) -> None:
+    """Console entry point ``fusion-merge``."""
+    merge_checkpoints(cfg)
 
 
 if __name__ == "__main__":
