@@ -7,16 +7,13 @@
     fusion trainer=ddp trainer.devices=4     # learned methods on 4 GPUs (only rank 0 evaluates and writes)
     fusion resume=outputs/<method>/<time>    # continue a learned run from its checkpoints/last.ckpt
 
-The entry point ``fusion-merge`` (conf/stream.yaml): a static merge of HF checkpoint directories, streamed tensor
-by tensor (:mod:`fusion.stream`):
-
-    fusion-merge method=ties base=DIR experts=[DIR1,DIR2] output=OUT [max_shard_size=2GB] [device=cuda]
+``fusion-merge`` (a static merge of HF checkpoint directories streamed tensor by tensor) is
+:mod:`fusion.stream_app`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fusion.data.contract import check_task_pool
-from fusion.errors import ConfigError
+from fusion.errors import ConfigError, report_user_errors
 from fusion.evaluate import normalized_accuracy, summarize
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.contract import check_model_pool
@@ -209,83 +206,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def causes(err: BaseException):
-    """``err`` and the exceptions it was raised from (Hydra's instantiate wraps the one a target raised)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def report_user_errors(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """A user's mistake (see :mod:`fusion.errors`) raised by ``job`` becomes one message and exit status 2
-    (``FUSION_DEBUG=1`` keeps the traceback); bugs keep theirs. Inside the Hydra job, which would print any
-    exception's traceback itself."""
-    import functools
-    import os
-    import sys
-
-    @functools.wraps(job)
-    def wrapped(cfg: DictConfig) -> Any:
-        from fusion.errors import user_error_types
-
-        try:
-            return job(cfg)
-        except Exception as err:  # noqa: BLE001 — re-raised unless it is (or wraps) a user error
-            user = next((e for e in causes(err) if isinstance(e, user_error_types())), None)
-            if user is None or os.environ.get("FUSION_DEBUG"):
-                raise
-            print(f"fusion: error: {user}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapped
-
-
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns the mean test accuracy (for Hydra sweepers; None on DDP ranks > 0)."""
     return train(cfg).get("mean_accuracy")
-
-
-def merge_checkpoints(cfg: DictConfig) -> Path:
-    """``fusion-merge``: the configured static method's ``fn`` (default hyperparameters; its ``tune`` grid needs
-    validation data and is ignored with a warning) streamed over ``base`` and ``experts`` into ``output``."""
-    from hydra.utils import get_class
-
-    from fusion.methods.static import StaticMerge
-    from fusion.stream import stream_merge
-
-    missing = [key for key in ("base", "experts", "output") if OmegaConf.is_missing(cfg, key)]
-    if missing:
-        raise ConfigError(f"fusion-merge needs {missing}: fusion-merge method=ties base=DIR experts=[DIR1,DIR2] "
-                          "output=NEW_DIR (directories written by save_pretrained, or peft LoRA adapters)")
-    if not issubclass(get_class(cfg.method._target_), StaticMerge):
-        raise ConfigError(f"method '{cfg.method.get('name')}' ({cfg.method._target_}) is not a data-free static merge; "
-                          "fusion-merge streams only those (data-based and learned merges need the experts in memory "
-                          "and task data: run them with `fusion`)")
-    method = instantiate(cfg.method)
-    if method.postprocess is not None:
-        raise ConfigError(f"method '{method.name}': postprocess (LiNeS) scales by depth over the whole model and is "
-                          "not streamed; drop method/postprocess")
-    if method.tune:
-        log.warning("method '%s': its tune grid %s needs labeled validation data and is ignored; merging with the "
-                    "defaults %s (set method.fn.<name>=value to change them)", method.name, dict(method.tune),
-                    method.fn.keywords)
-    device = resolve_device(cfg.device, source="device")
-    experts = list(cfg.experts) if OmegaConf.is_list(cfg.experts) else [cfg.experts]
-    out = stream_merge(method.fn, cfg.base, experts, cfg.output, method=method.name,
-                       max_shard_size=cfg.max_shard_size, device=str(device))
-    log.info("merged %d experts with %s into %s", len(experts), method.name, out)
-    return out
-
-
-@hydra.main(config_path=CONF_DIR, config_name="stream", version_base="1.3")
-@report_user_errors
-def merge_main(cfg: DictConfig) -> None:
-    """Console entry point ``fusion-merge``."""
-    merge_checkpoints(cfg)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 For each tensor name of the base (sorted), the base tensor and each expert's task vector are read
 (:mod:`fusion.pools.hf_checkpoint`, :mod:`fusion.pools.lora_adapter`), stacked ``{name: Tensor[K, *shape]}``, given
 to the SAME pure merge function an in-memory merge uses (``fn`` of ``conf/method/*.yaml``) and the merged tensor
-``θ0 + δ`` is appended to the output (:mod:`fusion.report.sharded_safetensors`). Peak memory ≈ (K + 3) × the
-largest tensor, whatever the model's size.
+``θ0 + δ`` is appended to the output (:mod:`fusion.report.sharded_safetensors`). Peak memory ≈ a few × K × the
+largest tensor (the stacked task vectors and the merge function's intermediates on them: about 5 for TIES), not K
+models; checkpoint files are opened for one read at a time, so their mapped pages do not accumulate.
 
 A merge streams exactly when each output tensor depends on that name's stacked task vectors only, or on them
 and a model-wide statistic computed by an earlier streaming pass. :data:`STREAMABLE` declares, per function, which

@@ -260,7 +260,7 @@ def test_methods_that_do_not_stream_are_refused(tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", "from fusion.app import merge_main; merge_main()", *args],
+    return subprocess.run([sys.executable, "-c", "from fusion.stream_app import main; main()", *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
@@ -274,5 +274,16 @@ def test_cli_merges_with_the_method_config_and_reports_user_errors(tmp_path):
     expected = in_memory(partial(ties, k=0.1, lam=0.3), base, experts)
     assert all(torch.equal(t, expected[n]) for n, t in load_state(tmp_path / "out").items())
     failed = run_cli("method=regmean", f"base={base}", f"experts=[{experts[0]}]", f"output={tmp_path / 'x'}")
-    assert failed.returncode == 2 and "not a data-free static merge" in failed.stderr
+    assert failed.returncode == 2 and "not a data-free static merge" in failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_cuda_streams_the_math_to_the_gpu(tmp_path):
+    """``device=cuda``: the same merge with the math on the GPU (the trim threshold is exact on either device)."""
+    base = save(gpt2_model(), tmp_path / "base")
+    experts = [save(perturbed(gpt2_model(), s), tmp_path / f"e{s}") for s in (1, 2)]
+    cpu = load_state(stream_merge(METHODS["ties"], base, experts, tmp_path / "cpu"))
+    gpu = load_state(stream_merge(METHODS["ties"], base, experts, tmp_path / "gpu", device="cuda"))
+    for name, t in cpu.items():
+        torch.testing.assert_close(gpu[name], t, rtol=1e-5, atol=1e-6)

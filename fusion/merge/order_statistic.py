@@ -10,41 +10,44 @@ ordered as the values are:
 2. pass 2 counts the low 16 bits of the magnitudes whose high bits equal ``b`` (``[K, 2^16]``); the n-th largest
    is found there exactly.
 
-Memory: the two histograms (``K × 98304`` int64), whatever ``P``; each pass reads every tensor once. The result
+Memory: the two histograms (``K × 98304`` int64) and a chunk of ``2^22`` entries, whatever ``P``; each pass
+reads every tensor once. The result
 equals ``torch.topk(|τ|, n).values[:, -1]`` bit for bit (ties included).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16
+HIGH_BINS, LOW_BINS, CHUNK = 1 << 15, 1 << 16, 1 << 22
 
 
-def magnitude_bits(t: Tensor) -> Tensor:
-    """``|t|`` in float32 viewed as int32 bits, one row per task: ``Tensor[K, *shape] -> Tensor[K, N]`` (int64)."""
-    return t.detach().abs().float().reshape(t.shape[0], -1).view(torch.int32).long()
-
-
-def _bincount_rows(values: Tensor, bins: int, mask: Tensor | None = None) -> Tensor:
-    """Per-row histogram of ``values: Tensor[K, N]`` (ints in ``[0, bins)``) over the entries where ``mask``."""
-    k = values.shape[0]
-    offset = values + bins * torch.arange(k, device=values.device).unsqueeze(1)
-    flat = offset.reshape(-1) if mask is None else offset[mask]
-    return torch.bincount(flat, minlength=k * bins).reshape(k, bins).cpu()
+def chunks(t: Tensor, size: int = CHUNK) -> Iterator[tuple[int, Tensor]]:
+    """``(task k, |τ_k| chunk as int64 float32-bits)`` over ``t: Tensor[K, *shape]``, ``size`` entries at a time
+    (the int64 copies of a large embedding would otherwise be 2× its stacked float32 size)."""
+    flat = t.detach().reshape(t.shape[0], -1)
+    for k in range(flat.shape[0]):
+        for start in range(0, flat.shape[1], size):
+            yield k, flat[k, start:start + size].abs().float().view(torch.int32).long()
 
 
 def high_histogram(t: Tensor) -> Tensor:
     """Pass 1 for one parameter ``t: Tensor[K, *shape]``: ``Tensor[K, 2^15]`` counts of the high 16 bits."""
-    return _bincount_rows(magnitude_bits(t) >> 16, HIGH_BINS)
+    out = torch.zeros(t.shape[0], HIGH_BINS, dtype=torch.int64)
+    for k, bits in chunks(t):
+        out[k] += torch.bincount(bits >> 16, minlength=HIGH_BINS).cpu()
+    return out
 
 
 def low_histogram(t: Tensor, bucket: Tensor) -> Tensor:
     """Pass 2 for one parameter: ``Tensor[K, 2^16]`` counts of the low 16 bits of the magnitudes whose high bits
     equal task k's ``bucket[k]`` (``bucket: Tensor[K]`` from :func:`select_bucket`)."""
-    bits = magnitude_bits(t)
-    inside = (bits >> 16) == bucket.to(bits.device).unsqueeze(1)
-    return _bincount_rows(bits & 0xFFFF, LOW_BINS, inside)
+    out = torch.zeros(t.shape[0], LOW_BINS, dtype=torch.int64)
+    for k, bits in chunks(t):
+        out[k] += torch.bincount(bits[(bits >> 16) == int(bucket[k])] & 0xFFFF, minlength=LOW_BINS).cpu()
+    return out
 
 
 def select_bucket(histogram: Tensor, n: int | Tensor) -> tuple[Tensor, Tensor]:

@@ -81,37 +81,53 @@ class HFCheckpoint:
                                    "save_pretrained writes")
         self.config = json.loads(config.read_text())
         self.files = weight_files(self.directory)
-        self._open: dict[Path, object] = {}
+        self.headers = read_headers(self.files)
 
     def names(self) -> list[str]:
         """Every tensor name, sorted (the order a streamed merge visits them in)."""
         return sorted(self.files)
 
-    def _handle(self, name: str):
-        from safetensors import safe_open
-
-        path = self.files[name]
-        if path not in self._open:
-            try:
-                self._open[path] = safe_open(str(path), framework="pt")
-            except Exception as err:
-                raise CorruptFileError(f"{path} cannot be read as safetensors ({err}); re-download or re-save "
-                                       "the checkpoint") from err
-        return self._open[path]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        """The shape of tensor ``name`` without reading it."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        """The shape of tensor ``name`` (from the header)."""
+        return self.headers[name][0]
 
     def dtype_code(self, name: str) -> str:
-        """The safetensors dtype of tensor ``name`` (``"F32"``, ``"BF16"``, …) without reading it."""
-        return self._handle(name).get_slice(name).get_dtype()
+        """The safetensors dtype of tensor ``name`` (``"F32"``, ``"BF16"``, …), from the header."""
+        return self.headers[name][1]
 
     def tensor(self, name: str) -> Tensor:
-        """Tensor ``name`` as stored; a NaN/inf in it is a :class:`PoolMismatchError` naming file and key."""
-        t = self._handle(name).get_tensor(name)
+        """Tensor ``name`` as stored; a NaN/inf in it is a :class:`PoolMismatchError` naming file and key.
+
+        The file is opened for this read only: a mapping kept open would keep every page read so far resident
+        (counted in the process's RSS) until the end of the merge.
+        """
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            t = f.get_tensor(name)
         check_finite({name: t}, name="checkpoint", source=str(self.files[name]))
         return t
+
+
+def read_headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, safetensors dtype)}`` from each file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(set(files.values())):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    out[name] = (tuple(piece.get_shape()), piece.get_dtype())
+        except Exception as err:
+            raise CorruptFileError(f"{path} cannot be read as safetensors ({err}); re-download or re-save the "
+                                   "checkpoint") from err
+    missing = sorted(set(files) - set(out))
+    if missing:
+        raise CorruptFileError(f"{files[missing[0]]} does not hold '{missing[0]}', which the index places there "
+                               f"({len(missing)} such keys); re-download or re-save the checkpoint")
+    return out
 
 
 class Expert(Protocol):
