@@ -13,8 +13,9 @@ subprocess so that its ``ru_maxrss`` is its own:
   :func:`fusion.merge.ties.ties` called once, the merged state written with ``save_torch_state_dict``.
 
 Reported per mode: ``time_s`` (merge + write, imports excluded), ``peak_rss_mib`` (VmHWM over the merge, reset
-before it; ``process_peak_rss_mib``: ``ru_maxrss``, imports included) and ``baseline_mib`` (VmRSS after imports); the ratios in_memory / streamed of the peaks and of the peaks above the
-baseline (``merge_rss_ratio``); whether both outputs hold identical tensors. Written atomically to ``--out``.
+before it; ``process_peak_rss_mib``: ``ru_maxrss``, imports included) and ``baseline_mib`` (VmRSS after imports);
+then the ratios in_memory / streamed of the peaks and of the peaks above the baseline (``merge_rss_ratio``), and
+whether both outputs hold identical tensors. Written atomically to ``--out``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {"gpt2-small": {}, "tiny": dict(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2),
+CONFIGS = {"gpt2-small": {},
+           "tiny": dict(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2),
            "medium": dict(vocab_size=8192, n_positions=256, n_embd=256, n_layer=4, n_head=4)}  # 6M parameters
 TIES = dict(k=0.2, lam=0.3)
 

@@ -64,8 +64,6 @@ def report_user_errors(job: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(job)
     def wrapped(cfg: Any) -> Any:
-        from fusion.errors import user_error_types
-
         try:
             return job(cfg)
         except Exception as err:  # noqa: BLE001 — re-raised unless it is (or wraps) a user error

@@ -39,7 +39,8 @@ SHARD = "20KB"
 
 
 def gpt2_model(vocab: int = 64) -> torch.nn.Module:
-    config = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=1,
+                                     eos_token_id=2)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config).eval()
 

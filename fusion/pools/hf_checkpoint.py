@@ -12,16 +12,17 @@ fix (:func:`check_expert`); non-finite values are found as each tensor is read (
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from fusion.errors import CorruptFileError, DownloadUnavailableError, MissingFileError
 from fusion.merge.task_vectors import PoolMismatchError, check_finite
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
@@ -32,7 +33,7 @@ def resolve_checkpoint(name: str | Path) -> Path:
     if path.is_dir():
         return path
     text = str(name)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if path.exists() or text.startswith((".", "/", "~")) or not REPO_ID.fullmatch(text):
         raise MissingFileError(f"checkpoint '{text}' is not a directory (nor a Hub repo id 'org/model'); pass a "
                                "directory written by save_pretrained (config.json + *.safetensors)")
     try:
@@ -197,14 +198,3 @@ def open_expert(name: str | Path) -> Expert:
     if (path / ADAPTER_CONFIG).is_file():
         return LoRAExpert(path)
     return FullExpert(name)
-
-
-def load_task_vectors(base: HFCheckpoint, experts: list[Expert]) -> dict[str, Tensor]:
-    """Every floating tensor's stacked task vectors in memory, ``{name: Tensor[K, *shape]}`` (float32, sorted
-    names): the in-memory counterpart of a streamed merge (its memory is K models)."""
-    out = {}
-    for name in base.names():
-        theta0 = base.tensor(name)
-        if theta0.is_floating_point():
-            out[name] = torch.stack([e.task_vector(name, theta0) for e in experts])
-    return out

@@ -74,7 +74,8 @@ def header(shard: list[TensorSpec]) -> bytes:
     """The safetensors header of ``shard``: little-endian u64 length, then JSON padded to 8 bytes."""
     entries, offset = {"__metadata__": {"format": "pt"}}, 0
     for spec in shard:
-        entries[spec.name] = {"dtype": spec.code, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        entries[spec.name] = {"dtype": spec.code, "shape": list(spec.shape),
+                              "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
