@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = {"gpt2-small": {},
            "tiny": dict(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2),
-           "medium": dict(vocab_size=8192, n_positions=256, n_embd=256, n_layer=4, n_head=4)}  # 6M parameters
+           "medium": dict(vocab_size=8192, n_positions=256, n_embd=256, n_layer=4, n_head=4, bos_token_id=1,
+                         eos_token_id=2)}  # 6M parameters
 TIES = dict(k=0.2, lam=0.3)
 
 

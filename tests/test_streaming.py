@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import partial
@@ -130,12 +131,26 @@ def test_global_trim_differs_from_a_per_tensor_trim(pool, tmp_path):
     assert any(not torch.equal(streamed[n], per_tensor[n]) for n in theta0)
 
 
+def word_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(60)} | {"[UNK]": 60}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
 def test_output_is_sharded_and_reloads_to_identical_logits(pool, tmp_path):
     base, experts, build = pool
-    out = stream_merge(METHODS["ties"], base, experts, tmp_path / "merged", max_shard_size=SHARD)
+    with_tokenizer = tmp_path / "base"
+    shutil.copytree(base, with_tokenizer)
+    word_tokenizer().save_pretrained(with_tokenizer)
+    out = stream_merge(METHODS["ties"], with_tokenizer, experts, tmp_path / "merged", max_shard_size=SHARD)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    assert {"config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert transformers.AutoTokenizer.from_pretrained(out)("w3 w7")["input_ids"] == [3, 7]
     reference = build()
     reference.load_state_dict(in_memory(METHODS["ties"], base, experts), strict=False)
     reference.tie_weights()
@@ -288,3 +303,17 @@ def test_device_cuda_streams_the_math_to_the_gpu(tmp_path):
     gpu = load_state(stream_merge(METHODS["ties"], base, experts, tmp_path / "gpu", device="cuda"))
     for name, t in cpu.items():
         torch.testing.assert_close(gpu[name], t, rtol=1e-5, atol=1e-6)
+
+
+def test_benchmark_modes_write_identical_merges(tmp_path):
+    """benchmarks/streamed_merge.py at a tiny size, K = 2, its two modes in this process (the script runs each in
+    a subprocess for its own peak RSS)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import streamed_merge
+
+    base, experts = streamed_merge.generate(tmp_path / "cache", "tiny", 2)
+    for mode in ("streamed", "in_memory"):
+        report = streamed_merge.child(mode, base, experts, tmp_path / mode, threads=1)
+        assert report["peak_rss_mib"] >= report["baseline_mib"] > 0 and report["time_s"] > 0
+    assert streamed_merge.identical(tmp_path / "streamed", tmp_path / "in_memory")
+    assert not streamed_merge.identical(tmp_path / "streamed", base)

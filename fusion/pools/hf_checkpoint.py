@@ -191,10 +191,9 @@ class FullExpert:
 
 
 def open_expert(name: str | Path) -> Expert:
-    """A LoRA adapter directory (``adapter_config.json``) or a full checkpoint directory (or Hub repo id)."""
+    """A LoRA adapter directory (``adapter_config.json``) or a full checkpoint directory; either may be a Hub
+    repo id (:func:`resolve_checkpoint`)."""
     from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert
 
-    path = Path(name).expanduser()
-    if (path / ADAPTER_CONFIG).is_file():
-        return LoRAExpert(path)
-    return FullExpert(name)
+    path = resolve_checkpoint(name)
+    return LoRAExpert(path) if (path / ADAPTER_CONFIG).is_file() else FullExpert(path)
