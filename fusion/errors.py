@@ -3,8 +3,9 @@
 The layers below the app that may not import this module (``fusion.merge``, ``fusion.param``, the data and pool
 contracts) raise their own types, listed in :func:`user_error_types`.
 
-The ``fusion`` entry point prints such an error as one message and exits with status 2; set ``FUSION_DEBUG=1``
-to see its traceback. Every other exception is a bug and keeps its traceback.
+The entry points (``fusion``, ``fusion-merge``), wrapped in :func:`report_user_errors`, print such an error as one
+message and exit with status 2; set ``FUSION_DEBUG=1`` to see its traceback. Every other exception is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 

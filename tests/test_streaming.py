@@ -18,7 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fusion.errors import ConfigError, DownloadUnavailableError, MissingFileError  # noqa: E402
 from fusion.merge.combine import task_arithmetic  # noqa: E402
@@ -234,6 +234,18 @@ def test_mismatched_architecture_missing_shard_and_nan_are_clear_errors(tmp_path
     shard.unlink()
     with pytest.raises(MissingFileError, match=shard.name):
         stream_merge(METHODS["ties"], base, [broken], tmp_path / "m")
+    lacking = tmp_path / "lacking"
+    shutil.copytree(base, lacking)
+    for shard in sorted(lacking.glob("model-*.safetensors")):
+        state = load_file(str(shard))
+        if "transformer.ln_f.bias" in state:
+            del state["transformer.ln_f.bias"]
+            save_file(state, str(shard), metadata={"format": "pt"})
+            index = json.loads((lacking / "model.safetensors.index.json").read_text())
+            del index["weight_map"]["transformer.ln_f.bias"]
+            (lacking / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(PoolMismatchError, match=r"key 'transformer\.ln_f\.bias' is missing from expert .*lacking"):
+        stream_merge(METHODS["ties"], base, [lacking], tmp_path / "m")
     nan = gpt2_model()
     with torch.no_grad():
         nan.transformer.h[1].mlp.c_fc.bias[3] = float("nan")
@@ -261,9 +273,13 @@ def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
 
 
 def test_hub_name_offline_fails_fast_with_what_to_download(monkeypatch):
+    import time
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
     with pytest.raises(DownloadUnavailableError, match=r"huggingface-cli download no-org/no-model --local-dir"):
         resolve_checkpoint("no-org/no-model")
+    assert time.perf_counter() - start < 10
     with pytest.raises(MissingFileError, match="not a directory"):
         resolve_checkpoint("./no/such/dir")
 
