@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fusion.errors import ConfigError, DownloadUnavailableError, MissingFileError  # noqa: E402
 from fusion.merge.combine import task_arithmetic  # noqa: E402
+from fusion.merge.consensus import consensus_merge  # noqa: E402
 from fusion.merge.family import dare, della  # noqa: E402
+from fusion.merge.iso import iso_c, iso_cts  # noqa: E402
 from fusion.merge.magmax import magmax  # noqa: E402
 from fusion.merge.order_statistic import (high_histogram, low_histogram, select_bucket,  # noqa: E402
                                           threshold_from_buckets)
@@ -30,6 +32,7 @@ from fusion.merge.pcb import pcb  # noqa: E402
 from fusion.merge.task_vectors import PoolMismatchError, add_delta, stack_task_vectors  # noqa: E402
 from fusion.merge.ties import ties  # noqa: E402
 from fusion.merge.tsv import tsv_m  # noqa: E402
+from fusion.merge.wudi import wudi  # noqa: E402
 from fusion.pools.hf_checkpoint import resolve_checkpoint  # noqa: E402
 from fusion.pools.lora_adapter import LoRAExpert  # noqa: E402
 from fusion.report import sharded_safetensors  # noqa: E402
@@ -105,6 +108,10 @@ METHODS = {
     "dare": partial(dare, p=0.5, lam=0.3, seed=3),
     "dare_ties": partial(dare, p=0.3, lam=0.5, consensus=True, k=0.2, seed=4),
     "della": partial(della, density=0.5, epsilon=0.1, seed=5),
+    "iso_c": partial(iso_c, alpha=1.5),
+    "iso_cts": partial(iso_cts, alpha=1.5),
+    "wudi": partial(wudi, solver="closed_form", ridge=1e-3, others="mean", linear=("c_fc.weight", "q_proj.weight")),
+    "consensus": partial(consensus_merge, k=2, lam=0.3),
 }
 
 
