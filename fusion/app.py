@@ -6,12 +6,14 @@
     fusion trainer=gpu                       # everything (merges, statistics, training, evaluation) on the GPU
     fusion trainer=ddp trainer.devices=4     # learned methods on 4 GPUs (only rank 0 evaluates and writes)
     fusion resume=outputs/<method>/<time>    # continue a learned run from its checkpoints/last.ckpt
+
+``fusion-merge`` (a static merge of HF checkpoint directories streamed tensor by tensor) is
+:mod:`fusion.stream_app`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fusion.data.contract import check_task_pool
-from fusion.errors import ConfigError
+from fusion.errors import ConfigError, report_user_errors
 from fusion.evaluate import normalized_accuracy, summarize
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.contract import check_model_pool
@@ -202,39 +204,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_results(results)
     log.info("results written to %s", out / "results.json")
     return results
-
-
-def causes(err: BaseException):
-    """``err`` and the exceptions it was raised from (Hydra's instantiate wraps the one a target raised)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def report_user_errors(job: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """A user's mistake (see :mod:`fusion.errors`) raised by ``job`` becomes one message and exit status 2
-    (``FUSION_DEBUG=1`` keeps the traceback); bugs keep theirs. Inside the Hydra job, which would print any
-    exception's traceback itself."""
-    import functools
-    import os
-    import sys
-
-    @functools.wraps(job)
-    def wrapped(cfg: DictConfig) -> Any:
-        from fusion.errors import user_error_types
-
-        try:
-            return job(cfg)
-        except Exception as err:  # noqa: BLE001 — re-raised unless it is (or wraps) a user error
-            user = next((e for e in causes(err) if isinstance(e, user_error_types())), None)
-            if user is None or os.environ.get("FUSION_DEBUG"):
-                raise
-            print(f"fusion: error: {user}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapped
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

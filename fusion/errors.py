@@ -3,10 +3,14 @@
 The layers below the app that may not import this module (``fusion.merge``, ``fusion.param``, the data and pool
 contracts) raise their own types, listed in :func:`user_error_types`.
 
-The ``fusion`` entry point prints such an error as one message and exits with status 2; set ``FUSION_DEBUG=1``
-to see its traceback. Every other exception is a bug and keeps its traceback.
+The entry points (``fusion``, ``fusion-merge``), wrapped in :func:`report_user_errors`, print such an error as one
+message and exit with status 2; set ``FUSION_DEBUG=1`` to see its traceback. Every other exception is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 
 class UserError(Exception):
@@ -40,3 +44,34 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
     return (UserError, TaskContractError, DatasetSpecError, DatasetUnavailableError, Mini8NotBuiltError,
             PoolMismatchError, HyperparameterError, ContractError, NotShardableError, PoolContractError)
+
+
+def causes(err: BaseException):
+    """``err`` and the exceptions it was raised from (Hydra's instantiate wraps the one a target raised)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def report_user_errors(job: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A user's mistake (see :mod:`fusion.errors`) raised by ``job`` becomes one message and exit status 2
+    (``FUSION_DEBUG=1`` keeps the traceback); bugs keep theirs. Inside the Hydra job, which would print any
+    exception's traceback itself."""
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(job)
+    def wrapped(cfg: Any) -> Any:
+        try:
+            return job(cfg)
+        except Exception as err:  # noqa: BLE001 — re-raised unless it is (or wraps) a user error
+            user = next((e for e in causes(err) if isinstance(e, user_error_types())), None)
+            if user is None or os.environ.get("FUSION_DEBUG"):
+                raise
+            print(f"fusion: error: {user}\n(set FUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped

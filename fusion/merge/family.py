@@ -84,29 +84,34 @@ def _then(first: Sparsifier, second: Sparsifier) -> Sparsifier:
 
 
 def dare(tv: Mapping[str, Tensor], p: float = 0.5, lam: float | None = None, consensus: bool = False,
-         k: float = 0.2, seed: int = 0) -> StateDict:
+         k: float = 0.2, seed: int = 0, generator: torch.Generator | None = None,
+         threshold: Tensor | None = None) -> StateDict:
     """DARE (Yu et al., ICML 2024, Eq. 1–2) followed by TA, or by TIES when ``consensus``.
 
     FusionBench defaults: ``p = 0.5``; with TA, λ = 0.3; with TIES (``consensus=True``) the dropped vectors are
     also trimmed to their top ``k = 0.2`` and λ = 0.5. ``lam=None`` picks 0.3 or 0.5 accordingly.
+    ``generator`` and ``threshold`` (``Tensor[K]``, the trim threshold of the dropped vectors over the whole model)
+    are given by a streamed merge, which calls this on one parameter at a time (:mod:`fusion.stream`).
     """
-    drop = partial(dare_drop, p=p, seed=seed)
+    drop = partial(dare_drop, p=p, seed=seed, generator=generator)
     if consensus:
-        return sparse_consensus_merge(tv, sparsify=_then(drop, partial(magnitude_trim, k=k)), consensus=True,
+        trim = partial(magnitude_trim, k=k, threshold=threshold)
+        return sparse_consensus_merge(tv, sparsify=_then(drop, trim), consensus=True,
                                       lam=0.5 if lam is None else lam, aggregate="sum")
     return sparse_consensus_merge(tv, sparsify=drop, consensus=False, lam=0.3 if lam is None else lam)
 
 
 def della(tv: Mapping[str, Tensor], density: float = 0.5, epsilon: float = 0.1, lam: float = 0.3,
-          aggregate: str = "sum", seed: int = 0) -> StateDict:
+          aggregate: str = "sum", seed: int = 0, generator: torch.Generator | None = None) -> StateDict:
     """DELLA-Merging (Deep et al., 2024): MAGPRUNE (§3) → elect signs → fuse → scale by λ.
 
     No CLIP default is published (the method is LLM-only). Defaults here: ``density = 0.5`` (the same expected
     drop rate as DARE's p = 0.5), ``ε = 0.1`` (low end of mergekit's examples, 0.1–0.25), ``sum`` fusion and
     λ = 0.3, the 8-task sum-convention default of TA/TIES (MAGPRUNE preserves the expectation, so the scale of
     the sum is that of TA). The DELLA paper fuses by the mean with λ ≈ 1: pass ``aggregate="mean", lam=1.0``.
+    ``generator``: see :func:`dare`.
     """
-    drop = partial(magprune_drop, density=density, epsilon=epsilon, seed=seed)
+    drop = partial(magprune_drop, density=density, epsilon=epsilon, seed=seed, generator=generator)
     return sparse_consensus_merge(tv, sparsify=drop, consensus=True, lam=lam, aggregate=aggregate)
 
 

@@ -34,17 +34,41 @@ def check_drop_rate(p: float, name: str = "p") -> None:
                                   f"(survivors are rescaled by 1/(1-{name}); e.g. {name}=0.5 drops half)")
 
 
-def magnitude_trim(tv: Mapping[str, Tensor], k: float = 0.2) -> TaskVectors:
+def keep_count(k: float, total: int) -> int:
+    """``max(1, ceil(k·P))``: how many of a task's ``P`` entries TIES' trim keeps (the one place this is computed,
+    so that a streamed merge, :mod:`fusion.stream`, counts exactly as the in-memory one)."""
+    check_fraction(k)
+    return max(1, int(torch.ceil(torch.tensor(k * total)).item()))
+
+
+def trim_below(tv: Mapping[str, Tensor], threshold: Tensor) -> TaskVectors:
+    """Zero the entries of task ``k`` whose float32 magnitude is below ``threshold[k]`` (ties kept).
+
+    Args:
+        tv: stacked task vectors ``{name: Tensor[K, *shape]}``.
+        threshold: ``Tensor[K]``, each task's smallest kept magnitude.
+    """
+    out = {}
+    for name, t in tv.items():
+        thr = threshold.to(device=t.device, dtype=torch.float32).reshape(-1, *([1] * (t.dim() - 1)))
+        out[name] = t * (t.abs().float() >= thr)
+    return out
+
+
+def magnitude_trim(tv: Mapping[str, Tensor], k: float = 0.2, threshold: Tensor | None = None) -> TaskVectors:
     """Keep each task's ``ceil(k·P)`` largest-magnitude entries over the flattened model; zero the rest.
 
     TIES-Merging step 1 ("trim"). Ties at the threshold are kept. Returns stacked task vectors of the same shapes.
+    ``threshold`` (``Tensor[K]``, the ``ceil(k·P)``-th largest float32 magnitude of each task over the *whole*
+    model) is given by a streamed merge that sees one parameter at a time (:mod:`fusion.stream`); ``None``
+    computes it from ``tv``.
     """
     check_fraction(k)
-    flat = flatten(tv)
-    n_keep = max(1, int(torch.ceil(torch.tensor(k * flat.shape[1])).item()))
-    mag = flat.abs().float()
-    threshold = torch.topk(mag, n_keep, dim=1, sorted=True).values[:, -1:]  # [K, 1]
-    return unflatten(flat * (mag >= threshold), tv)
+    if threshold is None:
+        flat = flatten(tv)
+        mag = flat.abs().float()
+        threshold = torch.topk(mag, keep_count(k, flat.shape[1]), dim=1, sorted=True).values[:, -1]  # [K]
+    return trim_below(tv, threshold)
 
 
 magnitude = magnitude_trim  # mergekit's name for the same sparsifier
@@ -55,18 +79,21 @@ def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device
     return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
 
 
-def dare_drop(tv: Mapping[str, Tensor], p: float = 0.5, seed: int = 0) -> TaskVectors:
+def dare_drop(tv: Mapping[str, Tensor], p: float = 0.5, seed: int = 0,
+              generator: torch.Generator | None = None) -> TaskVectors:
     """DARE's drop-and-rescale (Yu et al., 2024, Eq. 1–2): ``τ̂ = m ⊙ τ / (1 − p)``, ``m ~ Bernoulli(1 − p)``.
 
     Args:
         tv: stacked task vectors ``{name: Tensor[K, *shape]}``; every entry of every task is dropped independently.
         p: drop probability in ``[0, 1)``; ``p = 0`` returns the input unchanged.
         seed: seeds a ``torch.Generator`` (names are visited in mapping order), so equal seeds give equal masks.
+        generator: a CPU generator to draw from instead (``seed`` is then unused): a streamed merge passes one
+            generator, seeded once, to its calls on one name at a time, which gives the masks of one call on all.
     Returns:
         ``{name: Tensor[K, *shape]}`` whose survivors equal ``τ / (1 − p)`` exactly and whose expectation is ``τ``.
     """
     check_drop_rate(p)
-    g = torch.Generator().manual_seed(int(seed))
+    g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
     out = {}
     for name, t in tv.items():
         keep = _uniform(t.shape, g, t.device) >= p
@@ -106,7 +133,7 @@ def check_magprune(density: float, epsilon: float) -> None:
 
 
 def magprune_drop(tv: Mapping[str, Tensor], density: float = 0.5, epsilon: float = 0.1,
-                  seed: int = 0) -> TaskVectors:
+                  seed: int = 0, generator: torch.Generator | None = None) -> TaskVectors:
     """DELLA's MAGPRUNE (Deep et al., 2024, §3, Eq. 1–3): magnitude-ranked stochastic drop with rescaling.
 
     Each entry is kept with probability ``q_i = 1 − p_i`` from :func:`magprune_keep_probabilities` (larger
@@ -117,11 +144,12 @@ def magprune_drop(tv: Mapping[str, Tensor], density: float = 0.5, epsilon: float
         density: ``1 − p̄``, the mean kept fraction, in ``(0, 1]``.
         epsilon: the width of the drop-probability range; ``p̄ ± ε/2`` must lie in ``[0, 1)``.
         seed: seeds a ``torch.Generator`` (names visited in mapping order).
+        generator: a CPU generator to draw from instead of seeding one (see :func:`dare_drop`).
     Returns:
         ``{name: Tensor[K, *shape]}``.
     """
     check_magprune(density, epsilon)
-    g = torch.Generator().manual_seed(int(seed))
+    g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
     out = {}
     for name, t in tv.items():
         q = magprune_keep_probabilities(t, density, epsilon).to(t.device)

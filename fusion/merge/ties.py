@@ -28,8 +28,14 @@ def ties_disjoint(tv: Mapping[str, Tensor], k: float = 0.2) -> TaskVectors:
     return sign_consensus(magnitude_trim(tv, k))
 
 
-def ties(tv: Mapping[str, Tensor], k: float = 0.2, lam: float = 0.3, aggregate: str = "sum") -> StateDict:
-    """TIES-Merging's update ``λ · merge(τ̂)`` with ``aggregate`` ∈ {"sum", "mean"} (k = 0.2, λ = 0.3 for sum)."""
+def ties(tv: Mapping[str, Tensor], k: float = 0.2, lam: float = 0.3, aggregate: str = "sum",
+         threshold: Tensor | None = None) -> StateDict:
+    """TIES-Merging's update ``λ · merge(τ̂)`` with ``aggregate`` ∈ {"sum", "mean"} (k = 0.2, λ = 0.3 for sum).
+
+    ``threshold`` (``Tensor[K]``): each task's trim threshold over the whole model, given when ``tv`` holds only
+    part of it (a streamed merge, :mod:`fusion.stream`); ``None`` computes it from ``tv``.
+    """
     check_fraction(k)
-    return sparse_consensus_merge(tv, sparsify=partial(magnitude_trim, k=k), consensus=True, lam=lam,
+    return sparse_consensus_merge(tv, sparsify=partial(magnitude_trim, k=k, threshold=threshold), consensus=True,
+                                  lam=lam,
                                   aggregate=aggregate)
