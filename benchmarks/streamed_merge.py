@@ -102,15 +102,33 @@ def run_child(mode: str, base: Path, experts: list[Path], out: Path, threads: in
     cmd = [sys.executable, __file__, "--child", mode, "--base", str(base), "--experts", *map(str, experts),
            "--merged", str(out), "--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if done.returncode < 0:  # killed by a signal: the in-memory merge of large K runs out of memory (SIGKILL)
+        return {"failed": f"killed by signal {-done.returncode}" + (" (out of memory)" if done.returncode == -9 else ""),
+                "memory_mib": machine_memory_mib()}
     if done.returncode:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine_memory_mib() -> float:
+    """The machine's memory (MiB), from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) / 1024
 
 
 def ratio_above_baseline(modes: dict) -> float:
     """In-memory over streamed peak RSS above the post-import baseline (the merge's own memory)."""
     extra = {m: r["peak_rss_mib"] - r["baseline_mib"] for m, r in modes.items()}
     return extra["in_memory"] / max(extra["streamed"], 1e-9)
+
+
+def comparison(modes: dict, work: Path) -> dict:
+    """Identical outputs and the in-memory / streamed RSS ratios, when both modes finished."""
+    if any("failed" in r for r in modes.values()):
+        return {}
+    return {"identical_outputs": identical(work / "streamed", work / "in_memory"),
+            "peak_rss_ratio": modes["in_memory"]["peak_rss_mib"] / modes["streamed"]["peak_rss_mib"],
+            "merge_rss_ratio": ratio_above_baseline(modes)}
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -127,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="gpt2-small")
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fusion" / "streamed_merge")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "streamed_merge.json")
     parser.add_argument("--child", choices=["streamed", "in_memory"])
@@ -150,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/streamed_merge.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": args.config, "k": args.k, "method": {"ties": TIES}, "threads": args.threads,
         "checkpoint_mib": sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2 ** 20,
-        "modes": modes, "identical_outputs": identical(work / "streamed", work / "in_memory"),
-        "peak_rss_ratio": modes["in_memory"]["peak_rss_mib"] / modes["streamed"]["peak_rss_mib"],
-        "merge_rss_ratio": ratio_above_baseline(modes),
+        "modes": modes, **comparison(modes, work),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
     shutil.rmtree(work, ignore_errors=True)
