@@ -45,7 +45,7 @@ def tiny_config(kind: str, num_labels: int, vocab: int):
     """A 2-layer, 16-wide config of ``kind`` with [PAD] = 0."""
     if kind == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-                                       pad_token_id=0, num_labels=num_labels)
+                                       pad_token_id=0, bos_token_id=2, eos_token_id=2, num_labels=num_labels)
     cls = transformers.RobertaConfig if kind == "roberta" else transformers.BertConfig
     return cls(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                max_position_embeddings=40, pad_token_id=0, num_labels=num_labels, type_vocab_size=1)
@@ -267,4 +267,4 @@ def test_roberta_text_pool_end_to_end_and_wemoe_refuses_it_clearly(text_root, tm
     assert "body.encoder.layer.0.attention.self.query" in runs["regmean"]["method_info"]["regmean_layers"]
     failed = cli(text_root, "roberta", ["wemoe"], tmp_path / "roberta_wemoe")
     assert failed.returncode != 0
-    assert "no transformer MLP blocks found" in failed.stderr and "mlp_pattern" in failed.stderr
+    assert "no transformer MLP blocks found" in failed.stderr and "BERT/RoBERTa" in failed.stderr
