@@ -27,16 +27,19 @@ WORDS = ["good", "bad", "great", "awful", "movie", "plot", "the", "a", "is", "wa
 TASKS = {"sst2": 2, "mnli": 3}  # task -> number of labels (the heads differ in shape)
 
 
-def build_tokenizer(directory: Path):
-    """A WordLevel tokenizer over :data:`WORDS` ([PAD] = 0, [UNK] = 1, [CLS] = 2 prefixed to every text)."""
+def build_tokenizer(directory: Path, token_types: bool):
+    """A WordLevel tokenizer over :data:`WORDS` ([PAD] = 0, [UNK] = 1, [CLS] = 2 prefixed to every text); with
+    ``token_types`` (BERT) the second text of a pair has token type 1 and the tokenizer returns the types."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B", special_tokens=[("[CLS]", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", pair="[CLS] $A $B:1",
+                                                       special_tokens=[("[CLS]", 2)])
+    names = ["input_ids", "token_type_ids", "attention_mask"] if token_types else ["input_ids", "attention_mask"]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_input_names=names)
     fast.save_pretrained(str(directory))
     return fast
 
@@ -48,7 +51,8 @@ def tiny_config(kind: str, num_labels: int, vocab: int):
                                        pad_token_id=0, bos_token_id=2, eos_token_id=2, num_labels=num_labels)
     cls = transformers.RobertaConfig if kind == "roberta" else transformers.BertConfig
     return cls(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-               max_position_embeddings=40, pad_token_id=0, num_labels=num_labels, type_vocab_size=1)
+               max_position_embeddings=40, pad_token_id=0, num_labels=num_labels,
+               type_vocab_size=2 if kind == "bert" else 1)
 
 
 def build_models(root: Path, kind: str, scale: float = 0.05) -> dict[str, Path]:
@@ -57,7 +61,7 @@ def build_models(root: Path, kind: str, scale: float = 0.05) -> dict[str, Path]:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    tokenizer = build_tokenizer(root / "tok")
+    tokenizer = build_tokenizer(root / "tok" / kind, token_types=kind == "bert")
     vocab = len(tokenizer)
     base = AutoModelForSequenceClassification.from_config(tiny_config(kind, 2, vocab))
     dirs = {"base": root / kind / "base"}
@@ -129,16 +133,21 @@ def test_adapter_logits_equal_the_transformers_models_own(text_root, kind):
     taskpool = check_task_pool(make_taskpool(text_root, kind), "tiny")
     for task in TASKS:
         x, _ = taskpool.dataset(task, "test").batch(torch.arange(8))
-        assert x.dtype == torch.int64 and x.shape == (8, 2, 12)
+        channels = 3 if kind == "bert" else 2  # BERT's tokenizer adds token type ids (1 on a pair's second text)
+        assert x.dtype == torch.int64 and x.shape == (8, channels, 12)
+        if kind == "bert" and task == "mnli":
+            assert bool((x[:, 2] == 1).any())
         assert bool((x[:, 1] == 0).any())  # some rows are padded: pooling must skip the padding
         model = AutoModelForSequenceClassification.from_pretrained(str(text_root[kind][task])).eval()
         with torch.no_grad():
-            want = model(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+            want = model(**dict(zip(("input_ids", "attention_mask", "token_type_ids"), x.unbind(1)))).logits
             got = pool.heads(pool.expert_encoder(task)(x), task)
         assert got.shape == (8, TASKS[task]) and pool.heads.num_classes(task) == TASKS[task]
         assert torch.allclose(got, want, atol=1e-5), (kind, task, (got - want).abs().max())
         # the pretrained reference row: pretrained backbone + this expert's head, not the expert model
         assert not torch.allclose(pool.heads(pool.encoder(x), task), want, atol=1e-4)
+    with pytest.raises(ValueError, match=r"packed tokens \[B, 2 or 3, T\].*text task pool"):
+        pool.encoder(torch.zeros(2, 3, 8, 8))  # images into a text backbone
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "roberta"])
@@ -160,6 +169,23 @@ def test_task_vectors_cover_the_backbone_only_and_heads_stay_per_task(text_root,
         assert tv["body.h.0.mlp.c_fc.weight"].shape == (len(TASKS), 64, 16)
         ref = base.base_model.h[0].mlp.c_fc.weight  # Conv1D [in, out]
         assert torch.equal(pool.pretrained_state()["body.h.0.mlp.c_fc.weight"], ref.detach().T)
+
+
+def test_the_base_may_be_a_plain_backbone_or_a_language_model(text_root, tmp_path):
+    from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
+
+    from fusion.pools.hf_text import hf_text_pool
+
+    dirs = text_root["gpt2"]
+    seq = AutoModelForSequenceClassification.from_pretrained(str(dirs["base"]))
+    seq.base_model.save_pretrained(str(tmp_path / "plain"))  # GPT2Model: keys without the `transformer.` prefix
+    lm = GPT2LMHeadModel(seq.config)
+    lm.transformer.load_state_dict(seq.base_model.state_dict())
+    lm.save_pretrained(str(tmp_path / "lm"))
+    want = make_pool(dirs).pretrained_state()
+    for base in ("plain", "lm"):
+        got = hf_text_pool(str(tmp_path / base), {t: str(dirs[t]) for t in TASKS}).pretrained_state()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), base
 
 
 def test_mismatched_vocabulary_and_architecture_are_clear_errors(text_root, tmp_path):

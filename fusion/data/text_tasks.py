@@ -6,7 +6,7 @@ a local ``save_to_disk`` folder), its text columns (one: ``sentence``; a pair: `
 hidden, so, as FusionBench does, ``test`` is GLUE's ``validation`` split and ``val`` is carved from train (seeded).
 
 A split is tokenised once (``truncation``, ``padding="max_length"``) into ``x: [N, 2, T]`` int64 — token ids and
-attention mask, the input of :class:`fusion.pools.hf_text.SequenceClassifierEncoder` — and cached on disk under
+attention mask (and token type ids, ``[N, 3, T]``, for a tokenizer that makes them), the input of :class:`fusion.pools.hf_text.SequenceClassifierEncoder` — and cached on disk under
 ``<fusion cache>/tokenized/<key>.safetensors``, ``key`` = the split's dataset fingerprint + columns + the tokenizer's
 identity (class, full serialisation or vocabulary, padding side and token) + ``max_length``: another tokenizer or
 length is another file, the same ones never tokenise again. Batches are :class:`TextTensorDataset` slices: the
@@ -84,11 +84,11 @@ def text_task_spec(task: str, **overrides: Any) -> TextTaskSpec:
 
 
 class TextTensorDataset:
-    """Tokenised examples ``x: [N, 2, T]`` int64 and labels ``[N]``: ``batch(indices) -> (x[idx], y[idx])``."""
+    """Tokenised examples ``x: [N, 2 or 3, T]`` int64 and labels ``[N]``: ``batch(indices) -> (x[idx], y[idx])``."""
 
     def __init__(self, inputs: Tensor, labels: Tensor, name: str):
-        if inputs.dim() != 3 or inputs.shape[1] != 2 or len(inputs) != len(labels):
-            raise ValueError(f"{name}: inputs must be [N, 2, T] with N labels, got {tuple(inputs.shape)} and "
+        if inputs.dim() != 3 or inputs.shape[1] not in (2, 3) or len(inputs) != len(labels):
+            raise ValueError(f"{name}: inputs must be [N, 2 or 3, T] with N labels, got {tuple(inputs.shape)} and "
                              f"{tuple(labels.shape)}")
         self.inputs, self.labels, self.name = inputs, labels.long(), name
 
@@ -123,14 +123,18 @@ def tokenizer_key(tokenizer) -> str:
     """A hash of what decides the tokens: class, the full fast-tokenizer serialisation (else the vocabulary),
     padding side and pad token."""
     body = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else sorted(tokenizer.get_vocab().items())
-    return sha256_json([type(tokenizer).__name__, body, tokenizer.padding_side, tokenizer.pad_token])[:16]
+    return sha256_json([type(tokenizer).__name__, body, tokenizer.padding_side, tokenizer.pad_token,
+                        list(tokenizer.model_input_names)])[:16]
 
 
 def tokenize_columns(data, columns: Sequence[str], tokenizer, max_length: int) -> Tensor:
-    """``[N, 2, max_length]``: ids and attention mask of a split's ``columns`` (one text, or a pair)."""
+    """``[N, 2, max_length]``: ids and attention mask of a split's ``columns`` (one text, or a pair); ``[N, 3, ...]``
+    with token type ids when they are among the tokenizer's ``model_input_names`` (BERT)."""
     texts = [list(data[c]) for c in columns]
-    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-    return pack_inputs(enc["input_ids"], enc["attention_mask"])
+    types = "token_type_ids" in tokenizer.model_input_names
+    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt",
+                    return_token_type_ids=types)
+    return pack_inputs(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"] if types else None)
 
 
 def cached_tokens(data, spec: TextTaskSpec, tokenizer, max_length: int, cache: Path, name: str) -> TextTensorDataset:

@@ -7,7 +7,8 @@ FusionBench's GLUE protocol. The pool is built from HF checkpoint directories (o
     experts: {task: an ``AutoModelForSequenceClassification`` fine-tune of the base}
 
 The input of the backbone is one int64 tensor ``x: [B, 2, T]``, token ids ``x[:, 0]`` and attention mask
-``x[:, 1]`` (what :mod:`fusion.data.text_tasks` batches), so it travels through the task-data contract, the
+``x[:, 1]`` — ``[B, 3, T]`` with token type ids ``x[:, 2]`` when the tokenizer makes them (BERT's sentence pairs) —
+(what :mod:`fusion.data.text_tasks` batches), so it travels through the task-data contract, the
 training stream, evaluation and the data-based merges as images do. :class:`SequenceClassifierEncoder` maps it to
 pooled features ``[B, D]``; :class:`ClassifierHeads` holds every expert's own classifier over them. Task vectors cover
 the backbone only (a head's shape depends on the task's number of labels); the pretrained reference row is the
@@ -69,13 +70,24 @@ def adapter_for(model_type: str, source: str) -> TextAdapter:
     return ADAPTERS[model_type]
 
 
-def pack_inputs(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The backbone's input ``[B, 2, T]`` int64 from token ids and attention mask, both ``[B, T]``."""
-    return torch.stack([input_ids.long(), attention_mask.long()], dim=1)
+def pack_inputs(input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    """The backbone's input ``[B, 2, T]`` int64 from token ids and attention mask, both ``[B, T]``; ``[B, 3, T]``
+    with token type ids."""
+    parts = [input_ids, attention_mask] + ([] if token_type_ids is None else [token_type_ids])
+    return torch.stack([p.long() for p in parts], dim=1)
+
+
+def unpack_inputs(x: Tensor) -> dict[str, Tensor]:
+    """The keyword inputs of an HF model from ``x: [B, 2 or 3, T]`` (see :func:`pack_inputs`)."""
+    if x.dim() != 3 or x.shape[1] not in (2, 3):
+        raise ValueError(f"a text backbone takes packed tokens [B, 2 or 3, T] (ids, mask[, token types]), got "
+                         f"{tuple(x.shape)} {x.dtype}: use a text task pool (fusion.data.text_tasks)")
+    names = ("input_ids", "attention_mask", "token_type_ids")[:x.shape[1]]
+    return {n: x[:, i] for i, n in enumerate(names)}
 
 
 class SequenceClassifierEncoder(nn.Module):
-    """``x: [B, 2, T] -> features [B, D]``: the HF backbone (``model.base_model``) and the adapter's pooling."""
+    """``x: [B, 2 or 3, T] -> features [B, D]``: the HF backbone (``model.base_model``) and the adapter's pooling."""
 
     def __init__(self, body: nn.Module, pooling: str):
         super().__init__()
@@ -84,8 +96,9 @@ class SequenceClassifierEncoder(nn.Module):
         self.body, self.pooling = body, pooling
 
     def forward(self, x: Tensor) -> Tensor:
-        ids, mask = x[:, 0], x[:, 1]
-        out = self.body(input_ids=ids, attention_mask=mask)
+        inputs = unpack_inputs(x)
+        mask = inputs["attention_mask"]
+        out = self.body(**inputs)
         if self.pooling == "pooler":
             return out.pooler_output
         hidden = out.last_hidden_state
@@ -148,13 +161,12 @@ def no_dropout(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_classifier(directory: Path, num_labels: int | None = None) -> nn.Module:
-    """``AutoModelForSequenceClassification`` from ``directory`` in float32 eval mode (``num_labels`` for a base
-    without a head of its own: that head is never used)."""
+def load_classifier(directory: Path) -> nn.Module:
+    """``AutoModelForSequenceClassification`` from ``directory`` in float32 eval mode (a base without a
+    classification head gets a random one, never used)."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs = {} if num_labels is None else {"num_labels": num_labels}
-    return AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32, **kwargs).eval()
+    return AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
 def split_model(model: nn.Module, adapter: TextAdapter) -> tuple[SequenceClassifierEncoder, nn.Module]:
@@ -196,7 +208,7 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
     base_dir = resolve_checkpoint(base)
     first = load_classifier(resolve_checkpoint(experts[order[0]]))
     adapter = adapter_for(first.config.model_type, str(base_dir))
-    pretrained = load_classifier(base_dir, num_labels=first.config.num_labels)
+    pretrained = load_classifier(base_dir)
     if pretrained.config.model_type != first.config.model_type:
         raise PoolMismatchError(f"base {base_dir} is model_type={pretrained.config.model_type!r} but expert "
                                 f"{experts[order[0]]} is {first.config.model_type!r}; every expert must be "
