@@ -188,6 +188,20 @@ def test_the_base_may_be_a_plain_backbone_or_a_language_model(text_root, tmp_pat
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), base
 
 
+def test_fisher_loops_where_vmap_cannot_batch_an_hf_forward(text_root, caplog):
+    from fusion.merge.fisher import diagonal_fisher
+    from fusion.methods.data_merges import fisher_of
+
+    pool, taskpool = make_pool(text_root["gpt2"]), make_taskpool(text_root, "gpt2")
+    model, (x, _) = pool.expert_encoder("sst2"), taskpool.dataset("sst2", "train").batch(torch.arange(6))
+    params = dict(model.named_parameters())
+    forward = lambda m, inputs: pool.heads(m(inputs), "sst2")  # noqa: E731
+    got = fisher_of(model, params, forward, [x[:3], x[3:]], seed=0)
+    want = diagonal_fisher(model, params, forward, [x[:3], x[3:]], seed=0, vectorize=False)
+    assert "looping over the examples" in caplog.text
+    assert all(torch.equal(got[n], want[n]) for n in want) and sum(float(v.sum()) for v in got.values()) > 0
+
+
 def test_mismatched_vocabulary_and_architecture_are_clear_errors(text_root, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -261,7 +275,8 @@ def results(out: Path) -> dict[str, dict]:
     return {r["method"]: r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*/results.json")))}
 
 
-GPT2_METHODS = ["task_arithmetic", "ties", "tsv_m", "regmean", "adamerging_layer_wise"]
+GPT2_METHODS = ["task_arithmetic", "ties", "tsv_m", "regmean", "regmean_plusplus", "fisher_merging",
+                "adamerging_layer_wise"]
 
 
 def test_methods_run_end_to_end_on_a_gpt2_text_pool(text_root, tmp_path):

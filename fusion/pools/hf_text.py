@@ -163,10 +163,13 @@ def no_dropout(module: nn.Module) -> nn.Module:
 
 def load_classifier(directory: Path) -> nn.Module:
     """``AutoModelForSequenceClassification`` from ``directory`` in float32 eval mode (a base without a
-    classification head gets a random one, never used)."""
+    classification head gets a random one, never used), without a key/value cache: classification never generates,
+    and a cache object passed from block to block would make replaying a block (RegMean++) stateful."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model.config.use_cache = False
+    return model
 
 
 def split_model(model: nn.Module, adapter: TextAdapter) -> tuple[SequenceClassifierEncoder, nn.Module]:
