@@ -6,8 +6,9 @@ a local ``save_to_disk`` folder), its text columns (one: ``sentence``; a pair: `
 hidden, so, as FusionBench does, ``test`` is GLUE's ``validation`` split and ``val`` is carved from train (seeded).
 
 A split is tokenised once (``truncation``, ``padding="max_length"``) into ``x: [N, 2, T]`` int64 — token ids and
-attention mask (and token type ids, ``[N, 3, T]``, for a tokenizer that makes them), the input of :class:`fusion.pools.hf_text.SequenceClassifierEncoder` — and cached on disk under
-``<fusion cache>/tokenized/<key>.safetensors``, ``key`` = the split's dataset fingerprint + columns + the tokenizer's
+attention mask (and token type ids, ``[N, 3, T]``, for a tokenizer that makes them), the input of
+:class:`fusion.pools.hf_text.SequenceClassifierEncoder` — and cached on disk under
+``<fusion cache>/tokenized/<task>-<key>.safetensors``, ``key`` = the split's dataset fingerprint + columns + the tokenizer's
 identity (class, full serialisation or vocabulary, padding side and token) + ``max_length``: another tokenizer or
 length is another file, the same ones never tokenise again. Batches are :class:`TextTensorDataset` slices: the
 task-data contract of :mod:`fusion.data.contract`, with inputs in place of images.

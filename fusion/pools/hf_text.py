@@ -25,7 +25,6 @@ behave like a plain ``nn.Linear`` network to the merges:
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,6 @@ from fusion.pools.hf_checkpoint import _shape_fix, resolve_checkpoint
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
 from fusion.utils import sha256_json
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
