@@ -1,4 +1,6 @@
-"""Per-task accuracy of an encoder + frozen heads on a task pool split (torchmetrics), on the run's device."""
+"""Per-task accuracy of an encoder + frozen heads on a task pool split (torchmetrics), on the run's device.
+
+The encoder takes whatever the task data batches (images, or packed tokens for a text pool)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence

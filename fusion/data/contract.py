@@ -1,11 +1,14 @@
 """The task-data contract every task pool honours: HF datasets, mini8, a saved directory, a user's own.
 
-A **task dataset** is one split of one task. It gives normalised batches by index — never one PIL image at a
-time — so the training stream, evaluation and the data-based merges (Fisher, RegMean) all read data the same
-way, and a dataset can keep its decoded images on the training device::
+A **task dataset** is one split of one task. It gives batches of the model's input tensor by index — never one
+PIL image or one string at a time — so the training stream, evaluation and the data-based merges (Fisher, RegMean)
+all read data the same way, and a dataset can keep its decoded inputs on the training device::
 
-    x, y = dataset.batch(torch.arange(16))     # Tensor[16, 3, H, W] float32 (normalised), Tensor[16] int64
+    x, y = dataset.batch(torch.arange(16))     # images: Tensor[16, 3, H, W] float32 (normalised), Tensor[16] int64
+                                               # text: Tensor[16, 2, T] int64 (token ids, attention mask), labels
     dataset = dataset.to("cuda")               # the same data, batches made on (and resident in) the device
+
+``x`` is whatever the model pool's encoder takes (:mod:`fusion.pools.contract`); nothing downstream looks inside it.
 
 A **task pool** names its tasks and hands out datasets, class names and prompt templates; its
 :meth:`TaskPool.fingerprint` identifies the exact data and preprocessing, so cached results (the pretrained and
@@ -38,16 +41,17 @@ class TaskDataset(Protocol):
     def __len__(self) -> int: ...
 
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Images ``Tensor[B, 3, H, W]`` (float32, normalised as the model expects) and labels ``Tensor[B]``
-        (int64), both on the dataset's device."""
+        """The encoder's inputs ``x: Tensor[B, ...]`` (images ``[B, 3, H, W]`` float32 normalised as the model
+        expects; text ``[B, 2, T]`` int64 ids and mask) and labels ``Tensor[B]`` (int64), on the dataset's device."""
 
     def to(self, device: str | torch.device) -> "TaskDataset":
-        """The same data with batches made on ``device`` (decoded images resident there)."""
+        """The same data with batches made on ``device`` (decoded inputs resident there)."""
 
 
 @runtime_checkable
 class TaskPool(Protocol):
-    """Tasks, their splits as :class:`TaskDataset`, class names and templates for the zero-shot heads."""
+    """Tasks, their splits as :class:`TaskDataset`, class names and templates (for zero-shot heads; a text pool's
+    heads are its experts' own)."""
 
     name: str
 
@@ -86,7 +90,7 @@ def check_task_dataset(dataset: object, source: str = "dataset") -> TaskDataset:
     if missing:
         cls = f"{type(dataset).__module__}.{type(dataset).__qualname__}"
         raise TaskContractError(f"{source}: {cls} is not a task dataset: it lacks {missing} (the contract is "
-                                f"fusion.data.contract.TaskDataset: len, batch(indices) -> (images, labels), "
+                                f"fusion.data.contract.TaskDataset: len, batch(indices) -> (inputs, labels), "
                                 "to(device))")
     return dataset  # type: ignore[return-value]
 

@@ -50,7 +50,7 @@ class RunContext:
 
 @dataclass
 class MergeOutcome:
-    """The merged encoder (``images -> features``), what the method wants recorded in results.json, and what the
+    """The merged encoder (``inputs -> features``), what the method wants recorded in results.json, and what the
     report writes next to it: ``records`` maps a ``method_info`` key to a :class:`MergeRecord` (learned methods).
 
     ``inference`` is ``"single model"`` for a merge, or ``"task id"`` when ``encoder`` is a ``{task: encoder}``

@@ -42,15 +42,28 @@ def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed:
 
 def expert_fishers(pool, taskpool, ctx: RunContext, num_samples: int, batch_size: int) -> list[dict]:
     """Each expert's diagonal Fisher ``{name: Tensor[*shape]}`` over its float parameters, from ``num_samples``
-    unlabeled train images of its task (labels sampled from its own predictions, seeded by ``ctx.seed + k``)."""
+    unlabeled train inputs of its task (labels sampled from its own predictions, seeded by ``ctx.seed + k``)."""
     fishers = []
     for i, task in enumerate(pool.tasks):
         model = pool.expert_encoder(task)
         batches = sample_batches(taskpool, task, num_samples, batch_size, ctx.seed + i, device=ctx.device)
         params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
-        fishers.append(diagonal_fisher(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches,
-                                       seed=ctx.seed + i))
+        fishers.append(fisher_of(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches, ctx.seed + i))
     return fishers
+
+
+def fisher_of(model, params, forward, batches: list, seed: int) -> dict:
+    """:func:`diagonal_fisher` with per-example gradients by ``vmap``; a model whose forward ``vmap`` cannot batch
+    (data-dependent control flow, e.g. HF transformers' attention-mask construction) is looped over example by
+    example instead, the same estimate, with a warning that says so."""
+    try:
+        return diagonal_fisher(model, params, forward, batches, seed=seed)
+    except RuntimeError as err:
+        if not str(err).startswith("vmap"):
+            raise
+        log.warning("Fisher: vmap cannot batch the per-example gradients of %s (data-dependent control flow in its "
+                    "forward); looping over the examples instead (the same estimate, slower)", type(model).__name__)
+        return diagonal_fisher(model, params, forward, batches, seed=seed, vectorize=False)
 
 
 def expert_grams(pool, taskpool, ctx: RunContext, num_samples: int, batch_size: int) -> list[dict]:

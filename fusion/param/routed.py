@@ -72,7 +72,10 @@ def find_mlps(model: nn.Module, pattern: str = MLP_PATTERN) -> dict[str, tuple[s
             f"{pattern!r} and has Linear children {' or '.join('/'.join(p) for p in LINEAR_PAIRS)}. Matching paths "
             f"without such children: {matched[:10]}; module paths seen: {paths[:30]}"
             f"{' ...' if len(paths) > 30 else ''}."
-            " Set method.model.mlp_pattern to a regex matching the MLP module paths.")
+            " Set method.model.mlp_pattern to a regex matching the MLP module paths (HF GPT-2 in a text pool: "
+            r"'(^|\.)h\.\d+\.mlp$'). A backbone whose MLP is not one module (BERT/RoBERTa: intermediate.dense and "
+            "output.dense with the residual LayerNorm between them) cannot be routed; use a merge of whole task "
+            "vectors (task_arithmetic, ties, adamerging_layer_wise, ...) on it.")
     return found
 
 

@@ -1,9 +1,13 @@
-"""The model-pool contract: the backbone (a frozen image encoder and its experts) and its heads.
+"""The model-pool contract: the backbone (a frozen encoder and its experts) and its heads.
 
-A **model pool** (:class:`Backbone`) is what every method receives: the pretrained encoder ``θ_0`` (``images -> features``), the
-experts ``θ_k`` as state dicts, stacked task vectors, and the **heads**, the backbone adapter that turns features
-and a task into logits (``heads(features, task)``; CLIP's zero-shot heads, :class:`fusion.pools.heads.ZeroShotHeads`).
-:class:`fusion.pools.pool.ModelPool` (mini8, a saved directory, open_clip and HF CLIP checkpoints) honours it;
+A **model pool** (:class:`Backbone`) is what every method receives: the pretrained encoder ``θ_0`` (``x -> features``,
+``x`` the model's input tensor as the task data's batches give it: images ``[B, 3, H, W]`` for CLIP, packed token
+ids and attention mask ``[B, 2, T]`` int64 for a text backbone), the experts ``θ_k`` as state dicts, stacked task
+vectors, and the **heads**, the backbone adapter that turns features and a task into logits
+(``heads(features, task)``; CLIP's zero-shot heads, :class:`fusion.pools.heads.ZeroShotHeads`; each text expert's own
+classifier, :class:`fusion.pools.hf_text.ClassifierHeads`). Only the encoder is merged: the heads stay per task.
+:class:`fusion.pools.pool.ModelPool` (mini8, a saved directory, open_clip and HF CLIP checkpoints, HF
+sequence-classification checkpoints) honours it;
 :func:`check_model_pool` enforces it where ``conf/modelpool`` is instantiated, naming what an object lacks.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ class PoolContractError(TypeError):
 
 @runtime_checkable
 class Heads(Protocol):
-    """The backbone adapter: frozen per-task classifiers over encoder features."""
+    """The backbone adapter: frozen per-task classifiers over encoder features (never merged)."""
 
     tasks: list[str]
 

@@ -1,4 +1,8 @@
-"""The model pool: the frozen pretrained encoder θ0, the experts θ_k and the zero-shot heads.
+"""The model pool: the frozen pretrained encoder θ0, the experts θ_k and the per-task heads.
+
+The encoder maps the model's input tensor (images for CLIP, packed tokens ``[B, 2, T]`` for a text backbone,
+:mod:`fusion.pools.hf_text`) to features; the heads (CLIP's zero-shot heads, or each text expert's own classifier)
+map features to a task's logits.
 
 A pool on disk (written by :func:`save_pool`, read by :func:`load_pool`)::
 
@@ -35,9 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelPool:
-    """A frozen image encoder, one fine-tuned state dict per task, and frozen zero-shot heads.
+    """A frozen encoder, one fine-tuned state dict per task, and frozen per-task heads.
 
-    ``encoder(images) -> features``; ``heads(features, task) -> logits``. Experts are validated against
+    ``encoder(x) -> features`` (``x``: images, or packed tokens for a text pool); ``heads(features, task) -> logits``. Experts are validated against
     the encoder's keys, shapes and dtypes when the pool is built.
     """
 
@@ -64,7 +68,7 @@ class ModelPool:
             check_finite(state, name=f"distractor '{name}'", source=self.sources.get(name, "<memory>"))
         missing = [t for t in self.experts if t not in self.heads.tasks]
         if missing:
-            raise ValueError(f"pool '{self.name}': experts {missing} have no zero-shot head; heads: {self.heads.tasks}")
+            raise ValueError(f"pool '{self.name}': experts {missing} have no head; heads: {self.heads.tasks}")
 
     @property
     def tasks(self) -> list[str]:

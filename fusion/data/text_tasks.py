@@ -1,0 +1,272 @@
+"""Text classification task pools over HF ``datasets`` (GLUE-style columns), tokenised with the backbone's tokenizer.
+
+Each task is a :class:`TextTaskSpec`: where the data is (a hub id with a config, e.g. ``nyu-mll/glue``/``sst2``, or
+a local ``save_to_disk`` folder), its text columns (one: ``sentence``; a pair: ``sentence1``/``sentence2``,
+``question``/``sentence``, ``premise``/``hypothesis``, ...), its label column and splits. GLUE's test labels are
+hidden, so, as FusionBench does, ``test`` is GLUE's ``validation`` split and ``val`` is carved from train (seeded).
+
+A split is tokenised once (``truncation``, ``padding="max_length"``) into ``x: [N, 2, T]`` int64 — token ids and
+attention mask (and token type ids, ``[N, 3, T]``, for a tokenizer that makes them), the input of
+:class:`fusion.pools.hf_text.SequenceClassifierEncoder` — and cached on disk under
+``<fusion cache>/tokenized/<task>-<key>.safetensors``, ``key`` = the split's dataset fingerprint + columns + the tokenizer's
+identity (class, full serialisation or vocabulary, padding side and token) + ``max_length``: another tokenizer or
+length is another file, the same ones never tokenise again. Batches are :class:`TextTensorDataset` slices: the
+task-data contract of :mod:`fusion.data.contract`, with inputs in place of images.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fusion.data.cache import default_cache_dir
+from fusion.data.hf_tasks import DatasetSpecError, carve, open_split
+from fusion.data.taskpool import SPLITS, EmptyDatasetError
+from fusion.errors import ConfigError
+from fusion.pools.hf_text import pack_inputs
+from fusion.utils import atomic_save_safetensors, read_safetensors, sha256_json
+
+log = logging.getLogger(__name__)
+
+GLUE = "nyu-mll/glue"
+GLUE_COLUMNS = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
+                "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+                "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
+
+
+@dataclass(frozen=True)
+class TextTaskSpec:
+    """Where one text task's data is and how to read it (``splits``: ``train``/``val``/``test`` to the dataset's
+    split names; a ``None`` val is carved from train, ``val_fraction`` of it, seeded)."""
+
+    task: str
+    text_columns: tuple[str, ...]
+    hf: str | None = None
+    config: str | None = None
+    path: str | None = None
+    splits: Mapping[str, str | None] = field(
+        default_factory=lambda: {"train": "train", "val": None, "test": "validation"})
+    label_column: str = "label"
+    classnames: tuple[str, ...] | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    @property
+    def source(self) -> str:
+        return self.path or f"{self.hf}" + (f" ({self.config})" if self.config else "")
+
+
+def text_task_spec(task: str, **overrides: Any) -> TextTaskSpec:
+    """GLUE's spec of ``task`` (hub ``nyu-mll/glue``, its config and columns; MNLI tests on validation_matched)
+    with ``overrides``; another task needs ``text_columns`` and ``hf`` or ``path``."""
+    shipped: dict[str, Any] = {}
+    if task in GLUE_COLUMNS:
+        test = "validation_matched" if task == "mnli" else "validation"
+        shipped = {"hf": GLUE, "config": task, "text_columns": GLUE_COLUMNS[task],
+                   "splits": {"train": "train", "val": None, "test": test}}
+    elif "text_columns" not in overrides or not ({"hf", "path"} & set(overrides)):
+        raise ConfigError(f"text task '{task}' is not a GLUE task ({sorted(GLUE_COLUMNS)}); give "
+                          f"overrides.{task}.text_columns and overrides.{task}.hf or .path")
+    merged = {**shipped, **{k: v for k, v in overrides.items() if v is not None}}
+    if "splits" in shipped and "splits" in overrides:
+        merged["splits"] = {**shipped["splits"], **overrides["splits"]}
+    merged["text_columns"] = tuple(merged["text_columns"])
+    if merged.get("classnames") is not None:
+        merged["classnames"] = tuple(merged["classnames"])
+    if not 1 <= len(merged["text_columns"]) <= 2:
+        raise ConfigError(f"overrides.{task}.text_columns must name one column or a pair, got "
+                          f"{list(merged['text_columns'])}")
+    return TextTaskSpec(task=task, **merged)
+
+
+class TextTensorDataset:
+    """Tokenised examples ``x: [N, 2 or 3, T]`` int64 and labels ``[N]``: ``batch(indices) -> (x[idx], y[idx])``."""
+
+    def __init__(self, inputs: Tensor, labels: Tensor, name: str):
+        if inputs.dim() != 3 or inputs.shape[1] not in (2, 3) or len(inputs) != len(labels):
+            raise ValueError(f"{name}: inputs must be [N, 2 or 3, T] with N labels, got {tuple(inputs.shape)} and "
+                             f"{tuple(labels.shape)}")
+        self.inputs, self.labels, self.name = inputs, labels.long(), name
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        idx = indices.to(self.inputs.device)
+        return self.inputs[idx], self.labels[idx]
+
+    def to(self, device: str | torch.device) -> "TextTensorDataset":
+        return TextTensorDataset(self.inputs.to(device), self.labels.to(device), self.name)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer saved in checkpoint directory (or Hub id) ``name``; without a pad token it pads with its
+    end-of-sequence token (GPT-2's convention; the experts' ``pad_token_id`` is the same)."""
+    from transformers import AutoTokenizer
+
+    from fusion.pools.hf_checkpoint import resolve_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_checkpoint(name)))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer {name} has neither a pad nor an end-of-sequence token; save it with "
+                              "tokenizer.pad_token set")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_key(tokenizer) -> str:
+    """A hash of what decides the tokens: class, the full fast-tokenizer serialisation (else the vocabulary),
+    padding side and pad token."""
+    body = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else sorted(tokenizer.get_vocab().items())
+    return sha256_json([type(tokenizer).__name__, body, tokenizer.padding_side, tokenizer.pad_token,
+                        list(tokenizer.model_input_names)])[:16]
+
+
+def tokenize_columns(data, columns: Sequence[str], tokenizer, max_length: int) -> Tensor:
+    """``[N, 2, max_length]``: ids and attention mask of a split's ``columns`` (one text, or a pair); ``[N, 3, ...]``
+    with token type ids when they are among the tokenizer's ``model_input_names`` (BERT)."""
+    texts = [list(data[c]) for c in columns]
+    types = "token_type_ids" in tokenizer.model_input_names
+    enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt",
+                    return_token_type_ids=types)
+    return pack_inputs(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"] if types else None)
+
+
+def cached_tokens(data, spec: TextTaskSpec, tokenizer, max_length: int, cache: Path, name: str) -> TextTensorDataset:
+    """A split tokenised, read from ``cache`` when its key (see the module docstring) is there, else made and
+    written atomically."""
+    key = sha256_json([data._fingerprint, list(spec.text_columns), spec.label_column, tokenizer_key(tokenizer),
+                       int(max_length)])[:24]
+    path = cache / f"{spec.task}-{key}.safetensors"
+    if path.is_file():
+        stored = read_safetensors(path)
+        return TextTensorDataset(stored["inputs"], stored["labels"], name)
+    log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), max_length, path)
+    inputs = tokenize_columns(data, spec.text_columns, tokenizer, max_length)
+    labels = torch.as_tensor(list(data[spec.label_column]), dtype=torch.long)
+    atomic_save_safetensors(path, {"inputs": inputs, "labels": labels}, {"source": spec.source, "split": name})
+    return TextTensorDataset(inputs, labels, name)
+
+
+def validate_text(data, spec: TextTaskSpec) -> None:
+    """The spec's columns exist; the label is a ``ClassLabel`` unless class names are given."""
+    columns = list(data.column_names)
+    for column in (*spec.text_columns, spec.label_column):
+        if column not in columns:
+            raise DatasetSpecError(f"dataset {spec.source} (task '{spec.task}') has no column '{column}'; its columns "
+                                   f"are {columns}. Set `overrides.{spec.task}.text_columns` / `.label_column`")
+    if spec.classnames is None and getattr(data.features[spec.label_column], "names", None) is None:
+        raise DatasetSpecError(f"dataset {spec.source} (task '{spec.task}'): column '{spec.label_column}' is not a "
+                               f"ClassLabel; give the class names as `overrides.{spec.task}.classnames`")
+
+
+class TextTaskPool:
+    """The task-pool contract (:class:`fusion.data.contract.TaskPool`) over tokenised HF text datasets."""
+
+    def __init__(self, specs: Mapping[str, TextTaskSpec], tokenizer: str, max_length: int = 128, name: str = "text",
+                 cache_dir: str | None = None, token_cache: str | None = None):
+        if max_length < 2:
+            raise ConfigError(f"taskpool.max_length must be ≥ 2 tokens, got {max_length}")
+        self.specs, self.tokenizer_name, self.max_length, self.name = dict(specs), tokenizer, int(max_length), name
+        self.cache_dir, self.token_cache = cache_dir, token_cache
+        self._tokenizer = None
+        self._opened: dict[tuple[str, str], Any] = {}
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def dataset(self, task: str, split: str) -> TextTensorDataset:
+        """``split`` of ``task`` tokenised (cached on disk, see the module docstring)."""
+        data, name = self._split(task, split), f"{self.name}/{task}/{split}"
+        if len(data) == 0:
+            raise EmptyDatasetError(f"dataset '{name}' ({self._spec(task).source}) is empty; check "
+                                    f"`overrides.{task}.splits`")
+        cache = Path(self.token_cache).expanduser() if self.token_cache else default_cache_dir() / "tokenized"
+        return cached_tokens(data, self._spec(task), self.tokenizer, self.max_length, cache, name)
+
+    def classnames(self, task: str) -> tuple[str, ...]:
+        spec = self._spec(task)
+        if spec.classnames is not None:
+            return spec.classnames
+        return tuple(self._split(task, "test").features[spec.label_column].names)
+
+    def templates(self, task: str) -> tuple[str, ...]:
+        """``("{}",)``: a text pool's heads are the experts' own classifiers, not zero-shot prompts."""
+        self._spec(task)
+        return ("{}",)
+
+    def select(self, tasks: Sequence[str] | None) -> "TextTaskPool":
+        if tasks is None:
+            return self
+        pool = TextTaskPool({t: self._spec(t) for t in tasks}, self.tokenizer_name, self.max_length, self.name,
+                            self.cache_dir, self.token_cache)
+        pool._tokenizer, pool._opened = self._tokenizer, {k: d for k, d in self._opened.items() if k[0] in tasks}
+        return pool
+
+    def fingerprint(self) -> str:
+        """Hash of every task's test data (fingerprint, columns, class names), the tokenizer and ``max_length``."""
+        parts: list[Any] = [tokenizer_key(self.tokenizer), self.max_length]
+        for task in self.tasks:
+            spec = self._spec(task)
+            parts.append([task, self._split(task, "test")._fingerprint, list(spec.text_columns), spec.label_column,
+                          list(self.classnames(task))])
+        return sha256_json(parts)[:16]
+
+    def _spec(self, task: str) -> TextTaskSpec:
+        if task not in self.specs:
+            raise KeyError(f"task pool '{self.name}' has no task '{task}'; tasks: {self.tasks}")
+        return self.specs[task]
+
+    def _split(self, task: str, split: str):
+        """The HF dataset of one split, opened on first use (train and a missing val carved together)."""
+        if split not in SPLITS:
+            raise KeyError(f"split must be one of {SPLITS}, got '{split}'")
+        if (task, split) not in self._opened:
+            spec = self._spec(task)
+            if split != "test" and spec.splits.get("val") is None:
+                train, val = carve(open_split(spec, "train", self.cache_dir), spec.val_fraction, spec.seed)
+                self._opened[(task, "train")], self._opened[(task, "val")] = train, val
+            else:
+                self._opened[(task, split)] = open_split(spec, split, self.cache_dir)
+            validate_text(self._opened[(task, split)], spec)
+        return self._opened[(task, split)]
+
+
+def text_taskpool(tasks: Sequence[str], tokenizer: str, max_length: int = 128,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None, data_root: str | None = None,
+                  val_fraction: float = 0.1, seed: int = 0, name: str = "text", cache_dir: str | None = None,
+                  token_cache: str | None = None) -> TextTaskPool:
+    """A :class:`TextTaskPool` of ``tasks`` (GLUE's specs unless overridden).
+
+    Args:
+        tokenizer: a checkpoint directory or Hub id holding the tokenizer (the model pool's base).
+        overrides: ``{task: {key: value}}`` over the spec (``path``, ``hf``, ``config``, ``splits``, ``text_columns``,
+            ``label_column``, ``classnames``).
+        data_root: a folder of ``save_to_disk`` copies named by task; used for tasks that have a folder there.
+        cache_dir: the HF datasets cache; token_cache: where tokenised splits go (default
+            ``<fusion cache>/tokenized``).
+    """
+    overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
+    unknown = sorted(set(overrides) - set(tasks))
+    if unknown:
+        raise ConfigError(f"taskpool.overrides given for {unknown}, which are not in tasks {list(tasks)}")
+    specs = {}
+    for task in tasks:
+        extra = {"val_fraction": val_fraction, "seed": seed, **overrides.get(task, {})}
+        if data_root and "path" not in extra and (Path(data_root).expanduser() / task).is_dir():
+            extra["path"] = str(Path(data_root).expanduser() / task)
+        specs[task] = text_task_spec(task, **extra)
+    return TextTaskPool(specs, tokenizer, max_length, name, cache_dir, token_cache)
