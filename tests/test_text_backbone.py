@@ -219,6 +219,23 @@ def test_mismatched_vocabulary_and_architecture_are_clear_errors(text_root, tmp_
         hf_text_pool(str(dirs["base"]), {"sst2": str(dirs["sst2"])}, tasks=["qnli"])
 
 
+@pytest.mark.parametrize("kind, reserved", [("gpt2", 0), ("roberta", 2)])
+def test_inputs_longer_than_the_models_positions_are_a_clear_error(text_root, kind, reserved):
+    from transformers import AutoConfig
+
+    from fusion.pools.hf_text import hf_text_pool
+
+    dirs = text_root[kind]
+    config = AutoConfig.from_pretrained(str(dirs["base"])).to_dict()
+    limit = config.get("n_positions", config.get("max_position_embeddings")) - reserved
+    pool = hf_text_pool(str(dirs["base"]), {"sst2": str(dirs["sst2"])})
+    fits = torch.ones(2, 2, limit, dtype=torch.long)
+    assert pool.encoder(fits).shape[0] == 2  # the longest input the model embeds runs
+    with pytest.raises(ConfigError, match=f"inputs of {limit + 1} tokens exceed the {limit} positions.*"
+                                          f"taskpool.max_length ≤ {limit}"):
+        pool.encoder(torch.ones(2, 2, limit + 1, dtype=torch.long))
+
+
 def test_tokenisation_is_cached_by_fingerprint_tokenizer_and_length(text_root, tmp_path, monkeypatch):
     import fusion.data.text_tasks as text_tasks
 

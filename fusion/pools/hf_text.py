@@ -49,11 +49,17 @@ class TextAdapter:
 
     head: str
     pooling: str
+    positions: str = "max_position_embeddings"  # the config field bounding the sequence length
+    position_offset: int = 0  # positions the model reserves (RoBERTa's start after padding_idx: 2)
+
+    def max_tokens(self, config) -> int:
+        """The longest input the model embeds: ``config.<positions> − position_offset``."""
+        return int(config.to_dict()[self.positions]) - self.position_offset
 
 
 ADAPTERS: dict[str, TextAdapter] = {
-    "gpt2": TextAdapter("score", "last_token"),
-    "roberta": TextAdapter("classifier", "first_token"),
+    "gpt2": TextAdapter("score", "last_token", positions="n_positions"),
+    "roberta": TextAdapter("classifier", "first_token", position_offset=2),
     "bert": TextAdapter("classifier", "pooler"),
 }
 
@@ -86,13 +92,16 @@ def unpack_inputs(x: Tensor) -> dict[str, Tensor]:
 class SequenceClassifierEncoder(nn.Module):
     """``x: [B, 2 or 3, T] -> features [B, D]``: the HF backbone (``model.base_model``) and the adapter's pooling."""
 
-    def __init__(self, body: nn.Module, pooling: str):
+    def __init__(self, body: nn.Module, pooling: str, max_tokens: int | None = None):
         super().__init__()
         if pooling not in ("last_token", "first_token", "pooler"):
             raise ValueError(f"pooling must be last_token, first_token or pooler, got {pooling!r}")
-        self.body, self.pooling = body, pooling
+        self.body, self.pooling, self.max_tokens = body, pooling, max_tokens
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.max_tokens is not None and x.shape[-1] > self.max_tokens:
+            raise ConfigError(f"inputs of {x.shape[-1]} tokens exceed the {self.max_tokens} positions the model "
+                              f"embeds; set taskpool.max_length ≤ {self.max_tokens}")
         inputs = unpack_inputs(x)
         mask = inputs["attention_mask"]
         out = self.body(**inputs)
@@ -173,7 +182,7 @@ def split_model(model: nn.Module, adapter: TextAdapter) -> tuple[SequenceClassif
     """``(encoder, head)`` of a sequence classifier, Conv1D made linear and dropout off in both."""
     body = no_dropout(linear_from_conv1d(model.base_model))
     head = no_dropout(getattr(model, adapter.head))
-    return SequenceClassifierEncoder(body, adapter.pooling), head
+    return SequenceClassifierEncoder(body, adapter.pooling, adapter.max_tokens(model.config)), head
 
 
 def check_body(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], source: str, base_source: str) -> None:
