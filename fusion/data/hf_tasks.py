@@ -23,6 +23,7 @@ import numpy as np
 from fusion.data.clip_task_specs import SPECS
 from fusion.data.decoded import decode_split, split_transform
 from fusion.data.taskpool import SPLITS, EmptyDatasetError, ImageTensorDataset
+from fusion.errors import ConfigError
 from fusion.utils import sha256_json
 
 _LIKELY_IMAGE = ("image", "img", "jpg", "png", "pixel_values")
@@ -257,6 +258,24 @@ def default_transform(image_size: int = 224) -> Callable:
     return open_clip.image_transform(image_size, is_train=False)
 
 
+
+def task_specs(make_spec: Callable[..., Any], tasks: Sequence[str], overrides: Mapping[str, Any] | None,
+               data_root: str | None, val_fraction: float, seed: int) -> dict[str, Any]:
+    """``{task: make_spec(task, **extra)}``: each task's ``overrides`` over the split settings, and its folder under
+    ``data_root`` (a ``save_to_disk`` copy named by task) as ``path`` when there is one; the image and text task
+    pools build their specs this way. Overrides for a task not in ``tasks`` are a :class:`ConfigError`."""
+    overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
+    unknown = sorted(set(overrides) - set(tasks))
+    if unknown:
+        raise ConfigError(f"taskpool.overrides given for {unknown}, which are not in tasks {list(tasks)}")
+    specs = {}
+    for task in tasks:
+        extra = {"val_fraction": val_fraction, "seed": seed, **overrides.get(task, {})}
+        if data_root and "path" not in extra and (Path(data_root).expanduser() / task).is_dir():
+            extra["path"] = str(Path(data_root).expanduser() / task)
+        specs[task] = make_spec(task, **extra)
+    return specs
+
 def hf_taskpool(tasks: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None,
                 data_root: str | None = None, transform: Callable | None = None, image_size: int = 224,
                 cache_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
@@ -271,15 +290,6 @@ def hf_taskpool(tasks: Sequence[str], overrides: Mapping[str, Mapping[str, Any]]
         transform: image → ``Tensor[3, H, W]`` (default: CLIP's validation preprocessing at ``image_size``).
         decoded_cache, decode_workers: where and with how many processes splits are decoded (see HFTaskPool).
     """
-    overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
-    unknown = sorted(set(overrides) - set(tasks))
-    if unknown:
-        raise KeyError(f"overrides given for {unknown}, which are not in tasks {list(tasks)}")
-    specs = {}
-    for task in tasks:
-        extra = {"val_fraction": val_fraction, "seed": seed, **overrides.get(task, {})}
-        if data_root and "path" not in extra and (Path(data_root).expanduser() / task).is_dir():
-            extra["path"] = str(Path(data_root).expanduser() / task)
-        specs[task] = task_spec(task, **extra)
+    specs = task_specs(task_spec, tasks, overrides, data_root, val_fraction, seed)
     return HFTaskPool(specs, transform if transform is not None else default_transform(image_size), cache_dir, name,
                       decoded_cache, decode_workers)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from fusion.data.cache import default_cache_dir
-from fusion.data.hf_tasks import DatasetSpecError, carve, open_split
+from fusion.data.hf_tasks import DatasetSpecError, carve, open_split, task_specs
 from fusion.data.taskpool import SPLITS, EmptyDatasetError
 from fusion.errors import ConfigError
 from fusion.pools.hf_text import pack_inputs
@@ -259,14 +259,5 @@ def text_taskpool(tasks: Sequence[str], tokenizer: str, max_length: int = 128,
         cache_dir: the HF datasets cache; token_cache: where tokenised splits go (default
             ``<fusion cache>/tokenized``).
     """
-    overrides = {k: dict(v or {}) for k, v in (overrides or {}).items()}
-    unknown = sorted(set(overrides) - set(tasks))
-    if unknown:
-        raise ConfigError(f"taskpool.overrides given for {unknown}, which are not in tasks {list(tasks)}")
-    specs = {}
-    for task in tasks:
-        extra = {"val_fraction": val_fraction, "seed": seed, **overrides.get(task, {})}
-        if data_root and "path" not in extra and (Path(data_root).expanduser() / task).is_dir():
-            extra["path"] = str(Path(data_root).expanduser() / task)
-        specs[task] = text_task_spec(task, **extra)
+    specs = task_specs(text_task_spec, tasks, overrides, data_root, val_fraction, seed)
     return TextTaskPool(specs, tokenizer, max_length, name, cache_dir, token_cache)
