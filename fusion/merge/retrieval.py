@@ -79,7 +79,7 @@ class MaskedTasks:
     def kept_fraction(self) -> list[float]:
         """The fraction of entries on in each task's mask."""
         total = sum(s.numel() for s in self.shared.values())
-        return [sum(float(self.mask(k)[n].sum()) for n in self.shared) / total for k in range(self.num_tasks)]
+        return [sum(float(m.sum()) for m in self.mask(k).values()) / total for k in range(self.num_tasks)]
 
     def stored_bytes(self) -> dict[str, int]:
         per_task = sum(p.numel() for packs in self.masks.values() for p in packs) + self.scales.numel() * 4

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fusion.merge.task_vectors import HyperparameterError, TaskVectors, flatten, unflatten
+from fusion.merge.task_vectors import HyperparameterError, TaskVectors, flatten
 
 
 def check_fraction(k: float, name: str = "k") -> None:

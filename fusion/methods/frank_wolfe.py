@@ -7,7 +7,6 @@ paper's "soft" variant (AdaMerging over the selected set after each step) is not
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,10 +18,8 @@ from fusion.merge.frank_wolfe import candidate_weights, check_fw_hyperparameters
 from fusion.merge.task_vectors import StateDict
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.data_merges import sample_labeled_batches
-from fusion.methods.static import merged_encoder
+from fusion.methods.static import grid_accuracy, merged_encoder
 from fusion.train.objectives import CrossEntropy, Objective
-
-log = logging.getLogger(__name__)
 
 
 def objective_gradient(encoder, heads, theta0: StateDict, batches: Mapping[str, list], objective: Objective
@@ -114,11 +111,11 @@ class FrankWolfeMerge:
         runs = {scale: self.merge(pool, gradient, scale) for scale in scales}
         if not self.tune:
             return self.scale, *runs[self.scale], None
-        scores = []
-        for s in scales:
-            acc = ctx.evaluate(merged_encoder(pool, runs[s][0]), pool.heads, taskpool, "val")
-            scores.append({"scale": s, "mean_accuracy": sum(acc.values()) / len(acc)})
-            log.info("fw_merging scale %s: val mean accuracy %.4f", s, scores[-1]["mean_accuracy"])
+        def accuracy(candidate):
+            return ctx.evaluate(merged_encoder(pool, runs[candidate["scale"]][0]), pool.heads, taskpool, "val")
+
+        scores = [{**candidate, "mean_accuracy": sum(acc.values()) / len(acc)}
+                  for candidate, acc in grid_accuracy({"scale": scales}, accuracy, "fw_merging", "val")]
         pick = max(scores, key=lambda r: r["mean_accuracy"])
         return pick["scale"], *runs[pick["scale"]], {"on": "val", "grid": self.tune, "scores": scores, "best": pick}
 

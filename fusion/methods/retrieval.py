@@ -5,7 +5,6 @@ against the K task vectors; the README marks their rows.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -14,10 +13,9 @@ from torch import nn
 from fusion.errors import ConfigError
 from fusion.merge.retrieval import TaskSpecific, tensor_bytes
 from fusion.methods.base import MergeOutcome, RunContext
-from fusion.methods.static import as_partial, grid, merged_encoder
+from fusion.methods.static import as_partial, grid_accuracy, merged_encoder
 from fusion.pools.pool import require_no_distractors
 
-log = logging.getLogger(__name__)
 
 TASK_ID = "task id"
 
@@ -72,12 +70,12 @@ class TaskRetrieval:
         defaults = dict(self.fn.keywords)
         if not self.tune:
             return defaults, None
-        scores = []
-        for candidate in grid(self.tune):
-            acc = ctx.evaluate(TaskEncoders(pool, self.fn(tv, **{**defaults, **candidate})), pool.heads, taskpool,
-                               self.tune_split)
-            scores.append({**candidate, "per_task": acc, "mean_accuracy": sum(acc.values()) / len(acc)})
-            log.info("%s %s: %s mean accuracy %.4f", self.name, candidate, self.tune_split, scores[-1]["mean_accuracy"])
+        def accuracy(candidate):
+            models = TaskEncoders(pool, self.fn(tv, **{**defaults, **candidate}))
+            return ctx.evaluate(models, pool.heads, taskpool, self.tune_split)
+
+        scores = [{**candidate, "per_task": acc, "mean_accuracy": sum(acc.values()) / len(acc)}
+                  for candidate, acc in grid_accuracy(self.tune, accuracy, self.name, self.tune_split)]
         if self.per_task:
             best = {t: max(scores, key=lambda s: s["per_task"][t]) for t in pool.tasks}
             chosen = {k: [best[t][k] for t in pool.tasks] for k in self.tune}

@@ -37,6 +37,18 @@ def grid(space: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in itertools.product(*(space[n] for n in names))]
 
 
+def grid_accuracy(space: Mapping[str, Sequence[Any]], accuracy: Callable[[dict[str, Any]], dict[str, float]],
+                  name: str, split: str) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    """``(candidate, {task: accuracy})`` for every combination of ``space``, ``accuracy(candidate)`` measured on
+    the labeled ``split``; each candidate's mean is logged. The one validation grid search of the static merges."""
+    results = []
+    for candidate in grid(space):
+        acc = accuracy(candidate)
+        results.append((candidate, acc))
+        log.info("%s %s: %s mean accuracy %.4f", name, candidate, split, sum(acc.values()) / len(acc))
+    return results
+
+
 class StaticMerge:
     """A data-free merge ``fn(τ, **hyperparameters)``; ``tune`` = ``{name: [values]}`` grid on ``tune_split``.
 
@@ -81,12 +93,12 @@ class StaticMerge:
         if unknown:
             raise ConfigError(f"method '{self.name}': tune keys {unknown} are not arguments set on fn "
                               f"({sorted(self.defaults())}); add them to fn or fix tune")
-        scores = []
-        for candidate in grid(self.tune):
-            acc = ctx.evaluate(merged_encoder(pool, self.merge(tv, {**self.defaults(), **candidate})), pool.heads,
-                               taskpool, self.tune_split)
-            scores.append({**candidate, "mean_accuracy": sum(acc.values()) / len(acc)})
-            log.info("%s %s: %s mean accuracy %.4f", self.name, candidate, self.tune_split, scores[-1]["mean_accuracy"])
+        def accuracy(candidate):
+            delta = self.merge(tv, {**self.defaults(), **candidate})
+            return ctx.evaluate(merged_encoder(pool, delta), pool.heads, taskpool, self.tune_split)
+
+        scores = [{**candidate, "mean_accuracy": sum(acc.values()) / len(acc)}
+                  for candidate, acc in grid_accuracy(self.tune, accuracy, self.name, self.tune_split)]
         best = max(scores, key=lambda s: s["mean_accuracy"])
         chosen = {**self.defaults(), **{k: best[k] for k in self.tune}}
         return chosen, {"on": self.tune_split, "grid": self.tune, "scores": scores, "best": best}

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from fusion.data.augment import random_affine
-from fusion.data.taskpool import ImageTensorDataset, collate_batched
+from fusion.data.taskpool import collate_batched
 from fusion.pools.heads import ZeroShotHeads, class_embeddings
 
 log = logging.getLogger(__name__)
