@@ -19,6 +19,7 @@ Methods that pair expert ``k`` with task ``k``'s data call :func:`require_no_dis
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class ModelPool:
     sources: dict[str, str] = field(default_factory=dict)  # task -> where its expert came from
     clip_dir: str | None = None  # an open_clip local-dir of the whole pretrained CLIP, for exporting merges
     distractors: dict[str, StateDict] = field(default_factory=dict)  # candidate experts with no task (see above)
+    mlp_pattern: str | None = None  # regex of the encoder's transformer-MLP module paths (routed methods' default)
 
     def __post_init__(self) -> None:
         freeze(self.encoder)
@@ -87,9 +89,8 @@ class ModelPool:
         if unknown:
             raise KeyError(f"pool '{self.name}' has no experts for {unknown}; it has {self.tasks}")
         keep = list(tasks) + list(self.distractors)
-        return ModelPool(self.name, self.encoder, {t: self.experts[t] for t in tasks}, self.heads,
-                         self.manifest, {t: self.sources.get(t, "<memory>") for t in keep}, self.clip_dir,
-                         self.distractors)
+        return dataclasses.replace(self, experts={t: self.experts[t] for t in tasks},
+                                   sources={t: self.sources.get(t, "<memory>") for t in keep})
 
     def to(self, device: str | torch.device) -> "ModelPool":
         """Move θ0 and the heads to ``device`` (in place): task vectors, expert encoders and merges are then made
