@@ -230,8 +230,16 @@ THIRD_PARTY_WARNINGS = (  # (message regex, module regex) of warnings that say n
 
 def quiet_third_party() -> None:
     """Install :class:`ThirdPartyNoise` on the handlers of the root, Lightning and Fabric loggers (once) and ignore
-    the third-party warnings of :data:`THIRD_PARTY_WARNINGS`."""
+    the third-party warnings of :data:`THIRD_PARTY_WARNINGS`; transformers' per-checkpoint "Loading weights" bars
+    are switched off (Hub downloads keep theirs)."""
     import warnings
+
+    try:
+        import transformers.utils.logging
+    except ImportError:  # the optional [transformers] extra is not installed
+        pass
+    else:
+        transformers.utils.logging.disable_progress_bar()
 
     for message, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)

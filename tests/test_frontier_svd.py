@@ -12,7 +12,7 @@ from fusion.merge.iso import iso_cts
 from fusion.merge.magmax import magmax, max_magnitude
 from fusion.merge.task_vectors import HyperparameterError
 from fusion.merge.tsv import kept_rank, tsv_low_rank, tsv_m, tsv_merge_matrix, tsv_storage_bytes, tsv_task_delta
-from fusion.merge.wudi import LINEAR_SUFFIXES, wudi, wudi_adam, wudi_closed_form, wudi_loss
+from fusion.merge.wudi import block_linear, wudi, wudi_adam, wudi_closed_form, wudi_loss
 
 D = torch.float64
 SHAPES = {"l0.weight": (6, 4), "l0.bias": (6,), "l1.weight": (3, 6), "ln.weight": (3,)}
@@ -167,12 +167,15 @@ def test_wudi_solves_only_the_linear_weights_and_scales_by_lambda():
     zero = wudi(tv, solver="closed_form", lam=0.5)
     mean = wudi(tv, solver="closed_form", others="mean")
     for name in ("blocks.0.attn.in_proj_weight", "blocks.0.mlp.c_fc.weight"):
-        assert name.endswith(LINEAR_SUFFIXES)
+        assert block_linear(name, tv[name])
         assert torch.allclose(zero[name], 0.5 * wudi_closed_form(tv[name]), atol=1e-12)
         assert torch.allclose(mean[name], 2 * zero[name], atol=1e-12)
     for name in ("blocks.0.mlp.c_fc.bias", "positional_embedding", "ln_post.weight"):
         assert torch.equal(zero[name], torch.zeros_like(tv[name][0]))
         assert torch.allclose(mean[name], tv[name].mean(0), atol=1e-15)
+    suffixes = wudi(tv, solver="closed_form", lam=0.5, linear=["mlp.c_fc.weight"])
+    assert torch.equal(suffixes["blocks.0.mlp.c_fc.weight"], zero["blocks.0.mlp.c_fc.weight"])
+    assert torch.equal(suffixes["blocks.0.attn.in_proj_weight"], torch.zeros(6, 4, dtype=torch.float64))
     default = wudi({n: t.float() for n, t in tv.items()}, steps=3)
     assert default["blocks.0.mlp.c_fc.weight"].dtype == torch.float32
     assert not torch.allclose(default["blocks.0.mlp.c_fc.weight"], tv["blocks.0.mlp.c_fc.weight"].sum(0).float())
@@ -228,3 +231,15 @@ def test_bad_hyperparameters_raise_one_clear_message(call, words):
     with pytest.raises(HyperparameterError) as err:
         call(random_tv(k=2, seed=13))
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.parametrize("name, shape, solved", [
+    ("transformer.resblocks.3.attn.in_proj_weight", (6, 4), True), ("transformer.resblocks.3.mlp.c_fc.bias", (5,), False),
+    ("vision_model.encoder.layers.1.self_attn.q_proj.weight", (4, 4), True),  # HF CLIP
+    ("body.h.0.attn.c_attn.weight", (12, 4), True), ("body.wte.weight", (9, 4), False),  # GPT-2
+    ("model.model.layers.1.mlp.gate_proj.weight", (8, 4), True), ("model.model.embed_tokens.weight", (9, 4), False),
+    ("model.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (32, 2), False),  # T5
+    ("model.decoder.block.1.layer.2.DenseReluDense.wo.weight", (4, 8), True), ("model.lm_head.weight", (9, 4), False),
+])
+def test_wudi_solves_the_block_linears_of_every_backbone(name, shape, solved):
+    assert block_linear(name, torch.zeros(2, *shape)) is solved

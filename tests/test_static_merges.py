@@ -186,7 +186,9 @@ def test_consensus_ties_masks_the_ties_merge():
     ("vision_model.encoder.layers.7.self_attn.q_proj.weight", 7),
     ("encoder.layers.0.layer_norm1.bias", 0),
     ("conv1.weight", None), ("ln_post.weight", None), ("vision_model.post_layernorm.weight", None),
-    ("transformer.resblocks_x.2.w", None),
+    ("transformer.resblocks_x.2.w", None), ("body.h.1.mlp.c_fc.weight", 1), ("body.wte.weight", None),
+    ("model.model.layers.5.self_attn.q_proj.weight", 5), ("body.encoder.layer.2.output.dense.weight", 2),
+    ("model.decoder.block.3.layer.1.EncDecAttention.q.weight", 3), ("blocks.4.mlp.fc1.weight", 4),
 ])
 def test_block_index(name, index):
     assert block_index(name) == index

@@ -19,14 +19,16 @@ from torch import Tensor
 
 from fusion.merge.task_vectors import HyperparameterError, StateDict, TaskVectors, num_tasks
 
-_BLOCK = re.compile(r"(?:^|\.)(?:transformer\.resblocks|encoder\.layers)\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(?:resblocks|blocks|block|layers|layer|h)\.(\d+)\.")
 
 
 def block_index(name: str) -> int | None:
-    """The residual-block index of a parameter name, or ``None`` outside the blocks.
+    """The residual-block index of a parameter name (its first ``<list>.<i>.`` component), or ``None`` outside the
+    blocks.
 
-    Recognises open_clip ViT names (``...transformer.resblocks.<i>.``) and HF CLIP names
-    (``...encoder.layers.<i>.``).
+    Recognises the block lists of open_clip ViTs (``transformer.resblocks.<i>.``), timm (``blocks.<i>.``), HF CLIP,
+    Llama, Qwen and Mistral (``layers.<i>.``), BERT/RoBERTa (``encoder.layer.<i>.``), GPT-2 (``h.<i>.``) and T5
+    (``block.<i>.``; its encoder and decoder stacks are indexed separately).
     """
     match = _BLOCK.search(name)
     return int(match.group(1)) if match else None

@@ -16,8 +16,10 @@ inputs ``√w_k τ_k`` and is delegated to :func:`fusion.merge.regmean.regmean_m
 singular it adds a ridge of 1e-6·mean(diag A), which pulls the unexcited input directions towards the mean τ, and
 logs a warning saying so).
 
-Which parameters: as in the reference, only the blocks' linear weights (open_clip names ending in
-``attn.in_proj_weight``, ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``) are solved; every
+Which parameters: as in the reference, only the blocks' linear weights are solved (:func:`block_linear`: the 2-D
+tensors inside a transformer block, :func:`fusion.merge.lines.block_index`, except embeddings; for open_clip exactly
+``attn.in_proj_weight``, ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``; GPT-2's Conv1D weights
+are solved as the ``[out, in]`` linears the text pools make of them); every
 other parameter gets no update (``others="zero"``, the reference), or the mean task vector (``others="mean"``,
 FusionBench, which also solves every other 2-D weight). ``δ = λ·τ_m`` with λ = 1 (the paper uses no rescaling).
 A task with ``τ_k = 0`` gets ``w_k = 0`` (the reference would divide by zero).
@@ -30,10 +32,11 @@ import torch
 from torch import Tensor
 
 from fusion.merge.iso import for_svd
+from fusion.merge.lines import block_index
 from fusion.merge.regmean import regmean_merge
 from fusion.merge.task_vectors import HyperparameterError, StateDict
 
-LINEAR_SUFFIXES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+NOT_LINEAR = ("embed", "relative_attention_bias")  # 2-D tables inside blocks (T5's relative position buckets)
 SOLVERS = ("adam", "closed_form")
 OTHERS = ("zero", "mean")
 
@@ -92,9 +95,16 @@ def _check(solver: str, steps: int, lr: float, ridge: float, lam: float, others:
                                   f"at θ0 as the reference does, 'mean' averages them), got {others!r}")
 
 
+def block_linear(name: str, t: Tensor) -> bool:
+    """Whether the stacked ``t: [K, out, in]`` named ``name`` is a linear weight inside a transformer block: 2-D per
+    task, in a block (:func:`fusion.merge.lines.block_index`), not an embedding table."""
+    return t.dim() == 3 and block_index(name) is not None and not any(s in name for s in NOT_LINEAR)
+
+
 def wudi(tv: Mapping[str, Tensor], solver: str = "adam", steps: int = 300, lr: float = 1e-5, ridge: float = 0.0,
-         lam: float = 1.0, others: str = "zero", linear: Sequence[str] = LINEAR_SUFFIXES) -> StateDict:
-    """WUDI's update ``λ·τ_m`` for every weight whose name ends with one of ``linear``; ``others`` elsewhere.
+         lam: float = 1.0, others: str = "zero", linear: Sequence[str] | None = None) -> StateDict:
+    """WUDI's update ``λ·τ_m`` for every block linear weight (:func:`block_linear`; or, given ``linear``, every
+    2-D weight whose name ends with one of those suffixes); ``others`` elsewhere.
 
     Args:
         tv: stacked task vectors ``{name: Tensor[K, *shape]}``; the ``linear`` ones must be 2-D ``[out, in]``.
@@ -106,7 +116,8 @@ def wudi(tv: Mapping[str, Tensor], solver: str = "adam", steps: int = 300, lr: f
     _check(solver, steps, lr, ridge, lam, others)
     out = {}
     for name, t in tv.items():
-        if name.endswith(tuple(linear)) and t.dim() == 3:
+        solved = block_linear(name, t) if linear is None else name.endswith(tuple(linear)) and t.dim() == 3
+        if solved:
             merged = wudi_adam(t, steps, lr) if solver == "adam" else wudi_closed_form(t, ridge)
         else:
             merged = for_svd(t).mean(0) if others == "mean" else torch.zeros_like(t[0])
