@@ -31,6 +31,7 @@ from fusion.evaluate import normalized_accuracy, summarize
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.contract import check_model_pool
 from fusion.reference import reference_rows
+from fusion.report.hf_export import export_merge
 from fusion.report.merge_files import write_merge_record
 from fusion.report.tables import print_results
 from fusion.train.checkpoint import PeriodicCheckpoint, resume_checkpoint, with_callbacks
@@ -198,6 +199,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
     atomic_write_json(out / "results.json", results)
+    if cfg.get("export_model", False):
+        results["merged_model"] = export_merge(pool, outcome, out / "merged_model")
+        atomic_write_json(out / "results.json", results)
     finish_loggers(ctx.loggers, {f"test/acc/{t}": a for t, a in merged["per_task"].items()} |
                    {"test/acc/mean": merged["mean_accuracy"]}, out)
     if cfg.get("print_table", True):

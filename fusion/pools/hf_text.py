@@ -25,6 +25,7 @@ behave like a plain ``nn.Linear`` network to the merges:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from fusion.merge.task_vectors import PoolMismatchError
 from fusion.pools.hf_checkpoint import _shape_fix, resolve_checkpoint
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
+from fusion.report.hf_export import export_sequence_classifiers
 from fusion.utils import sha256_json
 
 
@@ -178,6 +180,13 @@ def load_classifier(directory: Path) -> nn.Module:
     return model
 
 
+def checkpoint_classifier(directory: Path) -> nn.Module:
+    """The ``AutoModelForSequenceClassification`` of ``directory`` as saved (what an exported merge starts from)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32)
+
+
 def split_model(model: nn.Module, adapter: TextAdapter) -> tuple[SequenceClassifierEncoder, nn.Module]:
     """``(encoder, head)`` of a sequence classifier, Conv1D made linear and dropout off in both."""
     body = no_dropout(linear_from_conv1d(model.base_model))
@@ -236,6 +245,7 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
                 "base": str(base_dir), "experts": sources, "tasks": order}
     manifest["pool_hash"] = sha256_json(manifest)[:16]
     manifest["files"] = {"base": _stat(str(base_dir)), **{t: _stat(s) for t, s in sources.items()}}  # content_key
+    exporter = functools.partial(export_sequence_classifiers, experts=sources, load=checkpoint_classifier)
     return ModelPool(name, encoder, states, ClassifierHeads(heads, labels, adapter.pooling == "first_token"),
-                     manifest, sources, None)
+                     manifest, sources, None, exporter=exporter)
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fusion.errors import ConfigError, MissingFileError
 from fusion.merge.task_vectors import StateDict, TaskVectors, check_finite, stack_task_vectors, validate_compatible
@@ -55,6 +55,7 @@ class ModelPool:
     clip_dir: str | None = None  # an open_clip local-dir of the whole pretrained CLIP, for exporting merges
     distractors: dict[str, StateDict] = field(default_factory=dict)  # candidate experts with no task (see above)
     mlp_pattern: str | None = None  # regex of the encoder's transformer-MLP module paths (routed methods' default)
+    exporter: Callable[[dict[str, Tensor], Path], dict[str, str]] | None = None  # merged encoder state -> HF dirs
 
     def __post_init__(self) -> None:
         freeze(self.encoder)
