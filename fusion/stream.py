@@ -18,6 +18,10 @@ applies:
   two-pass radix select on the float32 bits (:mod:`fusion.merge.order_statistic`, ``K × 98304`` counts), is passed
   as ``threshold``.
 
+WUDI reads a 2-D weight's rows as output units (``[out, in]``, as ``nn.Linear`` stores it); GPT-2's ``Conv1D``
+checkpoints store ``[in, out]`` (:data:`TRANSPOSED`), so those weights are transposed for the call and back, as
+the in-memory text pool's ``nn.Linear`` layers see them.
+
 Everything else is refused with one message: data-based and learned merges, and static merges whose math needs
 the whole model at once (PCB's model-wide scores, CABS' block order, EMR's per-task models, LiNeS' depth scaling).
 """
@@ -63,9 +67,12 @@ class StreamRule:
             ``threshold=``), ``pre`` the transform applied before the trim (DARE's drop) or ``None``; ``None``
             (the function) or a ``None`` result when there is no global trim.
         refuse: ``hparams -> message`` for settings that do not stream, or ``None``.
+        rows_out: reads a 2-D weight as ``[out, in]`` (WUDI's rows are proxy inputs): weights a checkpoint stores
+            transposed (:data:`TRANSPOSED`) are transposed for the call.
     """
 
     seeded: bool = False
+    rows_out: bool = False
     trim: Callable[[dict[str, Any]], tuple[float, Transform | None] | None] | None = None
     refuse: Callable[[dict[str, Any]], str | None] = lambda hp: None
 
@@ -78,13 +85,23 @@ def _dare_trim(hp: dict[str, Any]) -> tuple[float, Transform] | None:
 
 STREAMABLE: dict[Callable, StreamRule] = {
     task_arithmetic: StreamRule(), simple_average: StreamRule(), magmax: StreamRule(), tsv_m: StreamRule(),
-    iso_c: StreamRule(), iso_cts: StreamRule(), wudi: StreamRule(),
+    iso_c: StreamRule(), iso_cts: StreamRule(), wudi: StreamRule(rows_out=True),
     consensus_merge: StreamRule(refuse=lambda hp: None if hp["base"] == "ta" else
                                 "consensus_merge with base='ties' trims inside the function; use base=ta"),
     ties: StreamRule(trim=lambda hp: (hp["k"], None)),
     dare: StreamRule(seeded=True, trim=_dare_trim),
     della: StreamRule(seeded=True),
 }
+
+
+TRANSPOSED: dict[str, tuple[str, ...]] = {  # model_type -> the 2-D weights its checkpoints store [in, out] (Conv1D)
+    "gpt2": ("attn.c_attn.weight", "attn.c_proj.weight", "attn.q_attn.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+}
+
+
+def stored_transposed(config: dict, name: str) -> bool:
+    """Whether checkpoint tensor ``name`` of a model with ``config`` is a ``[in, out]`` Conv1D weight."""
+    return name.endswith(TRANSPOSED.get(config.get("model_type"), ()))
 
 
 def hyperparameters(fn: functools.partial) -> dict[str, Any]:
@@ -178,7 +195,10 @@ def stream_merge(fn: functools.partial, base: str | Path, experts: Sequence[str 
             theta0, tv = stacked(base_ckpt, pool, name)
             if tv is not None:
                 seeded = {"generator": generator} if rule.seeded else {}
+                flip = rule.rows_out and stored_transposed(base_ckpt.config, name)
+                tv = tv.transpose(1, 2) if flip else tv
                 delta = fn({name: tv.to(run_on)}, **extra, **seeded)[name].cpu()
+                delta = delta.T if flip else delta
                 theta0 = add_delta({name: theta0}, {name: delta})[name]
             writer.write(name, theta0)
         return writer.finish(base_ckpt.directory)

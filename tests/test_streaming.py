@@ -115,11 +115,20 @@ METHODS = {
 }
 
 
+def transposed_for(fn, which, tv):
+    """``fn`` applied with the tensors ``which`` selects transposed (``[K, a, b] -> [K, b, a]``) and back."""
+    flipped = fn({n: t.transpose(1, 2) if which(n) else t for n, t in tv.items()})
+    return {n: d.T if which(n) else d for n, d in flipped.items()}
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_streamed_merge_equals_in_memory_merge_exactly(pool, method, tmp_path):
     base, experts, _ = pool
     out = stream_merge(METHODS[method], base, experts, tmp_path / "merged", max_shard_size=SHARD)
-    streamed, expected = load_state(out), in_memory(METHODS[method], base, experts)
+    fn = METHODS[method]
+    if method == "wudi" and "gpt2" in str(base):  # WUDI on GPT-2's Conv1D [in, out] weights: solved as [out, in]
+        fn = partial(transposed_for, fn, lambda name: name.endswith("mlp.c_fc.weight"))
+    streamed, expected = load_state(out), in_memory(fn, base, experts)
     assert list(streamed) == list(expected)
     for name in expected:
         assert torch.equal(streamed[name], expected[name]), (method, name)
