@@ -6,6 +6,7 @@ fixture data with the real column names written into the shipped glue_t5 prompts
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,9 @@ def test_task_vectors_hold_each_tied_tensor_once_and_merges_keep_the_ties(t5_roo
     assert len(pool.encoder.state_dict()) == len(tv) + (3 if tied else 2)
     assert "model.shared.weight" in tv and not {"model.encoder.embed_tokens.weight"} & set(tv)
     assert ("model.lm_head.weight" in tv) is not tied
+    ff = [p for p, _ in pool.encoder.named_modules() if re.search(pool.mlp_pattern, p)]  # routed methods' MLPs
+    assert ff == [f"model.{s}.block.{i}.layer.{j}.DenseReluDense" for s, j in (("encoder", 1), ("decoder", 2))
+                  for i in range(2)]
     vocab = pool.encoder.model.config.vocab_size
     assert tv["model.shared.weight"].shape == (len(TASKS), vocab, 16)
     assert all(t.shape[0] == len(TASKS) and t.shape[1:] == params[n].shape for n, t in tv.items())
