@@ -8,14 +8,20 @@ hidden, so, as FusionBench does, ``test`` is GLUE's ``validation`` split and ``v
 A split is tokenised once (``truncation``, ``padding="max_length"``) into ``x: [N, 2, T]`` int64 — token ids and
 attention mask (and token type ids, ``[N, 3, T]``, for a tokenizer that makes them), the input of
 :class:`fusion.pools.hf_text.SequenceClassifierEncoder` — and cached on disk under
-``<fusion cache>/tokenized/<task>-<key>.safetensors``, ``key`` = the split's dataset fingerprint + columns + the tokenizer's
-identity (class, full serialisation or vocabulary, padding side and token) + ``max_length``: another tokenizer or
-length is another file, the same ones never tokenise again. Batches are :class:`TextTensorDataset` slices: the
+``<fusion cache>/tokenized/<task>-<key>.safetensors``, ``key`` = the split's dataset fingerprint + columns + template +
+the tokenizer's identity (class, full serialisation or vocabulary, padding side and token) + ``max_length``: another
+tokenizer, template or length is another file, the same ones never tokenise again.
+
+A task may give a ``template`` (a ``str.format`` string over the dataset's columns, e.g. T5's
+``"sst2 sentence: {sentence}"``, literal braces doubled): each example is then ONE text, ``template.format(**row)``
+(:func:`fill_template`), tokenised alone — the prompt a text-to-text model (:mod:`fusion.pools.hf_seq2seq`) reads. Batches are :class:`TextTensorDataset` slices: the
 task-data contract of :mod:`fusion.data.contract`, with inputs in place of images.
 """
 from __future__ import annotations
 
 import logging
+import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +61,7 @@ class TextTaskSpec:
     classnames: tuple[str, ...] | None = None
     val_fraction: float = 0.1
     seed: int = 0
+    template: str | None = None  # str.format over the columns: one text per example (see the module docstring)
 
     @property
     def source(self) -> str:
@@ -69,16 +76,16 @@ def text_task_spec(task: str, **overrides: Any) -> TextTaskSpec:
         test = "validation_matched" if task == "mnli" else "validation"
         shipped = {"hf": GLUE, "config": task, "text_columns": GLUE_COLUMNS[task],
                    "splits": {"train": "train", "val": None, "test": test}}
-    elif "text_columns" not in overrides or not ({"hf", "path"} & set(overrides)):
+    elif not ({"text_columns", "template"} & set(overrides)) or not ({"hf", "path"} & set(overrides)):
         raise ConfigError(f"text task '{task}' is not a GLUE task ({sorted(GLUE_COLUMNS)}); give "
-                          f"overrides.{task}.text_columns and overrides.{task}.hf or .path")
+                          f"overrides.{task}.text_columns (or .template) and overrides.{task}.hf or .path")
     merged = {**shipped, **{k: v for k, v in overrides.items() if v is not None}}
     if "splits" in shipped and "splits" in overrides:
         merged["splits"] = {**shipped["splits"], **overrides["splits"]}
-    merged["text_columns"] = tuple(merged["text_columns"])
+    merged["text_columns"] = tuple(merged.get("text_columns") or ())
     if merged.get("classnames") is not None:
         merged["classnames"] = tuple(merged["classnames"])
-    if not 1 <= len(merged["text_columns"]) <= 2:
+    if merged.get("template") is None and not 1 <= len(merged["text_columns"]) <= 2:
         raise ConfigError(f"overrides.{task}.text_columns must name one column or a pair, got "
                           f"{list(merged['text_columns'])}")
     return TextTaskSpec(task=task, **merged)
@@ -128,10 +135,44 @@ def tokenizer_key(tokenizer) -> str:
                         list(tokenizer.model_input_names)])[:16]
 
 
+def template_columns(template: str, columns: Sequence[str], source: str) -> list[str]:
+    """The columns ``template`` reads (its ``{field}`` names, in order, once each); a field that is no column of
+    ``columns`` (or a template reading none) is a :class:`DatasetSpecError` naming ``source``, the field and the
+    columns."""
+    used: list[str] = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is None:
+            continue
+        column = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if column not in columns:
+            raise DatasetSpecError(f"{source}: the template {template!r} reads column {column or '{}'!r}, which the "
+                                   f"dataset does not have; its columns are {list(columns)}. Name columns in "
+                                   "{braces} (a literal brace is {{ or }})")
+        if column not in used:
+            used.append(column)
+    if not used:
+        raise DatasetSpecError(f"{source}: the template {template!r} reads no column, so every example would be the "
+                               f"same text; name some of {list(columns)} in {{braces}}")
+    return used
+
+
+def fill_template(data, template: str, columns: Sequence[str], source: str = "the dataset") -> list[str]:
+    """``[template.format(**row) for row in data]``: one text per example. ``data`` maps each column name to its
+    values (an HF ``Dataset`` or a dict of lists); ``columns`` are the names a template may read (the dataset's
+    columns); ``source`` names the dataset and task in the error of :func:`template_columns`."""
+    used = template_columns(template, columns, source)
+    values = [list(data[c]) for c in used]
+    return [template.format(**dict(zip(used, row))) for row in zip(*values)]
+
+
 def tokenize_columns(data, columns: Sequence[str], tokenizer, max_length: int) -> Tensor:
     """``[N, 2, max_length]``: ids and attention mask of a split's ``columns`` (one text, or a pair); ``[N, 3, ...]``
     with token type ids when they are among the tokenizer's ``model_input_names`` (BERT)."""
-    texts = [list(data[c]) for c in columns]
+    return tokenize_texts([list(data[c]) for c in columns], tokenizer, max_length)
+
+
+def tokenize_texts(texts: Sequence[Sequence[str]], tokenizer, max_length: int) -> Tensor:
+    """:func:`tokenize_columns` of the texts themselves: one list (single texts) or two (pairs) of ``N`` strings."""
     types = "token_type_ids" in tokenizer.model_input_names
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt",
                     return_token_type_ids=types)
@@ -141,22 +182,33 @@ def tokenize_columns(data, columns: Sequence[str], tokenizer, max_length: int) -
 def cached_tokens(data, spec: TextTaskSpec, tokenizer, max_length: int, cache: Path, name: str) -> TextTensorDataset:
     """A split tokenised, read from ``cache`` when its key (see the module docstring) is there, else made and
     written atomically."""
-    key = sha256_json([data._fingerprint, list(spec.text_columns), spec.label_column, tokenizer_key(tokenizer),
-                       int(max_length)])[:24]
+    parts = [data._fingerprint, list(spec.text_columns), spec.label_column, tokenizer_key(tokenizer), int(max_length)]
+    key = sha256_json(parts + ([spec.template] if spec.template is not None else []))[:24]
     path = cache / f"{spec.task}-{key}.safetensors"
     if path.is_file():
         stored = read_safetensors(path)
         return TextTensorDataset(stored["inputs"], stored["labels"], name)
     log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), max_length, path)
-    inputs = tokenize_columns(data, spec.text_columns, tokenizer, max_length)
+    if spec.template is None:
+        inputs = tokenize_columns(data, spec.text_columns, tokenizer, max_length)
+    else:
+        texts = fill_template(data, spec.template, data.column_names, template_source(spec))
+        inputs = tokenize_texts([texts], tokenizer, max_length)
     labels = torch.as_tensor(list(data[spec.label_column]), dtype=torch.long)
     atomic_save_safetensors(path, {"inputs": inputs, "labels": labels}, {"source": spec.source, "split": name})
     return TextTensorDataset(inputs, labels, name)
 
 
+def template_source(spec: TextTaskSpec) -> str:
+    """Where a task's template comes from, for messages."""
+    return f"dataset {spec.source} (task '{spec.task}', overrides.{spec.task}.template)"
+
+
 def validate_text(data, spec: TextTaskSpec) -> None:
-    """The spec's columns exist; the label is a ``ClassLabel`` unless class names are given."""
+    """The spec's columns (and its template's) exist; the label is a ``ClassLabel`` unless class names are given."""
     columns = list(data.column_names)
+    if spec.template is not None:
+        template_columns(spec.template, columns, template_source(spec))
     for column in (*spec.text_columns, spec.label_column):
         if column not in columns:
             raise DatasetSpecError(f"dataset {spec.source} (task '{spec.task}') has no column '{column}'; its columns "
@@ -222,7 +274,7 @@ class TextTaskPool:
         for task in self.tasks:
             spec = self._spec(task)
             parts.append([task, self._split(task, "test")._fingerprint, list(spec.text_columns), spec.label_column,
-                          list(self.classnames(task))])
+                          list(self.classnames(task))] + ([spec.template] if spec.template is not None else []))
         return sha256_json(parts)[:16]
 
     def _spec(self, task: str) -> TextTaskSpec:
@@ -254,7 +306,7 @@ def text_taskpool(tasks: Sequence[str], tokenizer: str, max_length: int = 128,
     Args:
         tokenizer: a checkpoint directory or Hub id holding the tokenizer (the model pool's base).
         overrides: ``{task: {key: value}}`` over the spec (``path``, ``hf``, ``config``, ``splits``, ``text_columns``,
-            ``label_column``, ``classnames``).
+            ``label_column``, ``classnames``, ``template``).
         data_root: a folder of ``save_to_disk`` copies named by task; used for tasks that have a folder there.
         cache_dir: the HF datasets cache; token_cache: where tokenised splits go (default
             ``<fusion cache>/tokenized``).

@@ -22,6 +22,7 @@ from fusion.methods.base import MergedStart, MergeOutcome, RunContext
 from fusion.methods.static import merged_encoder
 from fusion.param.contract import MergeRecord, Parametrization, check_parametrization
 from fusion.pools.pool import require_no_distractors
+from fusion.pools.tied import untied_state
 from fusion.train.module import MergeTraining, NonFiniteLossError
 from fusion.train.objectives import Objective
 
@@ -58,7 +59,7 @@ def merged_start(method: MergeMethod, pool, taskpool, ctx: RunContext) -> tuple[
     if outcome.inference != "single model":
         raise ConfigError(f"method.init '{name}' needs the task id at inference ({outcome.inference}): it has no "
                           "single merged model to start from; use a merge (method/init=task_arithmetic, tsv_m, …)")
-    theta0, merged = pool.pretrained_state(), outcome.encoder.state_dict()
+    theta0, merged = pool.pretrained_state(), untied_state(outcome.encoder)
     if set(merged) != set(theta0):
         raise ConfigError(f"method.init '{name}' exports a model with other parameters than the pool's encoder (an "
                           "input-dependent router?); start from a static merge instead")

@@ -82,9 +82,12 @@ def freeze(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def copy_with_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A deep copy of ``module`` holding ``state`` (strict)."""
+    """A deep copy of ``module`` holding ``state`` (strict; a tied tensor may be given under its first name only,
+    :mod:`fusion.pools.tied`)."""
     import copy
 
+    from fusion.pools.tied import with_aliases
+
     clone = copy.deepcopy(module)
-    clone.load_state_dict(state, strict=True)
+    clone.load_state_dict(with_aliases(clone, state), strict=True)
     return clone

@@ -33,6 +33,7 @@ from fusion.errors import ConfigError, MissingFileError
 from fusion.merge.task_vectors import StateDict, TaskVectors, check_finite, stack_task_vectors, validate_compatible
 from fusion.pools.heads import ZeroShotHeads
 from fusion.pools.openclip import copy_with_state, freeze, load_clip_dir, save_clip_dir
+from fusion.pools.tied import untied_state
 from fusion.utils import atomic_save_safetensors, atomic_write_json, read_json, read_safetensors, sha256_json
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ class ModelPool:
         return next(self.encoder.parameters()).device
 
     def pretrained_state(self) -> StateDict:
-        return {k: v.detach() for k, v in self.encoder.state_dict().items()}
+        """θ0: the encoder's state dict with each tied tensor once, under its first name (:mod:`fusion.pools.tied`);
+        experts' states, task vectors and merges use the same keys."""
+        return untied_state(self.encoder)
 
     def task_vectors(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> TaskVectors:
         """Stacked ``{name: Tensor[K + M, *shape]}`` in the order of :attr:`candidates` (the ``K`` tasks, then the
