@@ -220,9 +220,14 @@ def test_task_vectors_hold_each_tied_tensor_once_and_merges_keep_the_ties(t5_roo
         want = pool.pretrained_state()["model.shared.weight"] + 0.5 * tv["model.shared.weight"].sum(0)
         assert torch.allclose(merged.model.decoder.embed_tokens.weight, want, atol=1e-6)
     assert not torch.allclose(static(x), pool.encoder(x), atol=1e-3)
-    static.model.save_pretrained(str(tmp_path / "merged"))  # the lead's export: reloads to the same logits
+    written = pool.exporter(static.state_dict(), tmp_path / "merged")  # export_model=true: reloads to the same logits
+    assert written == {"model": str(tmp_path / "merged")} and (tmp_path / "merged" / "tokenizer.json").is_file()
     with torch.no_grad():
         assert torch.allclose(first_step_logits(tmp_path / "merged", x), static(x), atol=1e-5)
+    from transformers import AutoModelForSeq2SeqLM
+
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "merged"))
+    assert (reloaded.lm_head.weight is reloaded.shared.weight) is tied  # the ties survive the export
 
 
 def test_templates_write_one_text_per_example_and_key_the_cache(t5_root, tmp_path, monkeypatch):
@@ -310,3 +315,13 @@ def test_methods_run_end_to_end_on_a_t5_pool(t5_root, tmp_path):
     layers = runs["regmean"]["method_info"]["regmean_layers"]
     assert {"model.encoder.block.0.layer.0.SelfAttention.q", "model.decoder.block.1.layer.1.EncDecAttention.o",
             "model.encoder.block.0.layer.1.DenseReluDense.wi_0", "model.lm_head"} <= set(layers)
+
+
+def test_regmean_plusplus_refuses_an_encoder_decoder_naming_its_stacks(t5_root):
+    from fusion.merge.regmean_plusplus import find_blocks
+    from fusion.merge.task_vectors import HyperparameterError
+
+    pool = make_pool(t5_root["untied"])
+    with pytest.raises(HyperparameterError, match=r"2 stacks \['model.encoder.block', 'model.decoder.block'\].*"
+                                                  r"use method=regmean"):
+        find_blocks(pool.encoder)

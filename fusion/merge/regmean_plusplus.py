@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from fusion.merge.regmean import default_linear_names, gram_matrices, regmean
 from fusion.merge.task_vectors import HyperparameterError, StateDict
+from fusion.pools.tied import untied_state, with_aliases
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,21 @@ class _Reached(Exception):
 
 def find_blocks(model: nn.Module) -> str:
     """Name of the model's sequence of blocks: its non-empty ``nn.ModuleList`` holding the most parameters
-    (open_clip's ``transformer.resblocks``, HF CLIP's ``encoder.layers``)."""
+    (open_clip's ``transformer.resblocks``, HF CLIP's ``encoder.layers``, GPT-2's ``h``, Llama's ``layers``). A model
+    with two stacks of blocks (T5's ``encoder.block`` and ``decoder.block``) is refused: its stacks are not one chain."""
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         raise HyperparameterError(f"regmean_plusplus merges block by block but {type(model).__name__} has no "
                                   "nn.ModuleList of blocks; set the method's `blocks` to the name of the module "
                                   "sequence its forward runs in order, or use method=regmean")
-    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))[0]
+    size = {n: sum(p.numel() for p in m.parameters()) for n, m in lists}
+    stacks = [n for n in size if size[n] > 0.1 * max(size.values())
+              and not any(n.startswith(f"{other}.") for other in size)]
+    if len(stacks) > 1:
+        raise HyperparameterError(f"regmean_plusplus merges one chain of blocks, each fed by the merged previous "
+                                  f"one, but {type(model).__name__} has {len(stacks)} stacks {stacks} (an encoder-"
+                                  "decoder; T5's blocks also pass position biases between them); use method=regmean")
+    return max(size, key=size.get)
 
 
 def block_inputs(model: nn.Module, block: nn.Module, forward: Callable[[nn.Module, Tensor], object],
@@ -134,7 +143,7 @@ def regmean_plusplus(model: nn.Module, experts: Sequence[Mapping[str, Tensor]], 
         raise ValueError(f"regmean_plusplus needs one batch list per expert, got {len(experts)} experts and "
                          f"{len(batches)} batch lists")
     merged = copy.deepcopy(model)
-    merged.load_state_dict(_average(experts, merged.state_dict()))
+    merged.load_state_dict(with_aliases(merged, _average(experts, untied_state(merged))))
     name = blocks if blocks is not None else find_blocks(merged)
     sequence = merged.get_submodule(name)
     outside = [n for n in default_linear_names(merged) if not n.startswith(f"{name}.")]
@@ -153,4 +162,4 @@ def regmean_plusplus(model: nn.Module, experts: Sequence[Mapping[str, Tensor]], 
             task_grams.update({prefix + n: g for n, g in block_grams.items()})
         if i + 1 < len(sequence):
             inputs = [[inp.next(block) for inp in task_inputs] for task_inputs in inputs]
-    return {n: t.detach() for n, t in merged.state_dict().items()}, grams
+    return untied_state(merged), grams

@@ -29,6 +29,7 @@ deterministically. Export a merge with ``encoder.model.save_pretrained(dir)``.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from fusion.pools.hf_text import check_body
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
 from fusion.pools.tied import tied_aliases, untied_state
+from fusion.report.hf_export import export_whole_model
 from fusion.utils import sha256_json
 
 
@@ -241,5 +243,6 @@ def hf_seq2seq_pool(base: str, experts: Mapping[str, str], label_words: Mapping[
     manifest["pool_hash"] = sha256_json(manifest)[:16]
     manifest["files"] = {"base": _stat(str(base_dir)), **{t: _stat(s) for t, s in sources.items()}}  # content_key
     encoder = freeze(FirstStepScorer(pretrained, start))
+    exporter = functools.partial(export_whole_model, base=str(base_dir), load=load_seq2seq)
     return ModelPool(name, encoder, states, LabelWordHeads(ids, words), manifest, sources, None,
-                     mlp_pattern=adapter.mlp_pattern)
+                     mlp_pattern=adapter.mlp_pattern, exporter=exporter)

@@ -5,7 +5,7 @@ A run that merges HF checkpoints ends with ``<run dir>/merged_model/``:
 * sequence classification (:mod:`fusion.pools.hf_text`): one directory per task, ``merged_model/<task>/``: the
   merged backbone with that task's own head, an ``AutoModelForSequenceClassification`` (GPT-2's ``nn.Linear`` layers
   are written back as the ``Conv1D`` weights ``[in, out]`` the checkpoint format has);
-* whole-model pools (text-to-text, causal LM): one directory, the merged model itself.
+* whole-model pools (text-to-text, causal LM): one directory, the merged model itself (tied weights stay tied).
 
 The tokenizer and the other non-weight files of the source checkpoint are copied beside the weights. Every
 directory is written to a hidden temporary directory and renamed onto its place; an existing one is an error (a
@@ -93,3 +93,14 @@ def export_sequence_classifiers(state: Mapping[str, Tensor], directory: Path, ex
         model.base_model.load_state_dict(hf_state(model.base_model, state, "body."), strict=True)
         written[task] = str(save_pretrained_atomic(model, Path(directory) / task, Path(source)))
     return written
+
+
+def export_whole_model(state: Mapping[str, Tensor], directory: Path, base: str,
+                       load: Callable[[Path], nn.Module]) -> dict[str, str]:
+    """``directory``: the base checkpoint (``load``-ed: its config, tokenizer, ties) holding the merged ``state``
+    (keys ``model.<model key>``; tied tensors may be given under their first name only)."""
+    from fusion.pools.tied import with_aliases
+
+    model = load(Path(base))
+    model.load_state_dict(with_aliases(model, hf_state(model, state, "model.")), strict=True)
+    return {"model": str(save_pretrained_atomic(model, Path(directory), Path(base)))}
