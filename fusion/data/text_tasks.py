@@ -140,10 +140,10 @@ def template_columns(template: str, columns: Sequence[str], source: str) -> list
     ``columns`` (or a template reading none) is a :class:`DatasetSpecError` naming ``source``, the field and the
     columns."""
     used: list[str] = []
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is None:
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
             continue
-        column = re.split(r"[.\[]", field, maxsplit=1)[0]
+        column = re.split(r"[.\[]", name, maxsplit=1)[0]
         if column not in columns:
             raise DatasetSpecError(f"{source}: the template {template!r} reads column {column or '{}'!r}, which the "
                                    f"dataset does not have; its columns are {list(columns)}. Name columns in "
