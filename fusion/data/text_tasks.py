@@ -16,7 +16,7 @@ task-data contract of :mod:`fusion.data.contract`, with inputs in place of image
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,20 +138,30 @@ def tokenize_columns(data, columns: Sequence[str], tokenizer, max_length: int) -
     return pack_inputs(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"] if types else None)
 
 
+def cached_tensors(path: Path, make: Callable[[], dict[str, Tensor]], metadata: dict[str, str]) -> dict[str, Tensor]:
+    """The tensors stored at ``path`` (a tokenised split keyed by its content), else ``make()`` written there
+    atomically with ``metadata``."""
+    if path.is_file():
+        return read_safetensors(path)
+    tensors = make()
+    atomic_save_safetensors(path, tensors, metadata)
+    return tensors
+
+
 def cached_tokens(data, spec: TextTaskSpec, tokenizer, max_length: int, cache: Path, name: str) -> TextTensorDataset:
     """A split tokenised, read from ``cache`` when its key (see the module docstring) is there, else made and
     written atomically."""
     key = sha256_json([data._fingerprint, list(spec.text_columns), spec.label_column, tokenizer_key(tokenizer),
                        int(max_length)])[:24]
     path = cache / f"{spec.task}-{key}.safetensors"
-    if path.is_file():
-        stored = read_safetensors(path)
-        return TextTensorDataset(stored["inputs"], stored["labels"], name)
-    log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), max_length, path)
-    inputs = tokenize_columns(data, spec.text_columns, tokenizer, max_length)
-    labels = torch.as_tensor(list(data[spec.label_column]), dtype=torch.long)
-    atomic_save_safetensors(path, {"inputs": inputs, "labels": labels}, {"source": spec.source, "split": name})
-    return TextTensorDataset(inputs, labels, name)
+
+    def make() -> dict[str, Tensor]:
+        log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), max_length, path)
+        return {"inputs": tokenize_columns(data, spec.text_columns, tokenizer, max_length),
+                "labels": torch.as_tensor(list(data[spec.label_column]), dtype=torch.long)}
+
+    stored = cached_tensors(path, make, {"source": spec.source, "split": name})
+    return TextTensorDataset(stored["inputs"], stored["labels"], name)
 
 
 def validate_text(data, spec: TextTaskSpec) -> None:
