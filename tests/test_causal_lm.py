@@ -226,6 +226,47 @@ def test_evaluation_accuracy_is_next_token_accuracy_on_completion_tokens(lm_root
     assert all(got[t] > pretrained[t] + 0.1 for t in TASKS), (got, pretrained)  # the experts learned their task
 
 
+def test_fisher_fw_merging_and_diagnostics_read_the_rows_of_token_rows(lm_root):
+    from fusion.merge.fisher import diagonal_fisher
+    from fusion.methods.data_merges import fisher_of
+    from fusion.methods.frank_wolfe import objective_gradient
+    from fusion.pools.diagnostics import predictions
+    from fusion.train.objectives import CrossEntropy
+
+    pool, taskpool = make_pool(lm_root["tied"]), make_taskpool(lm_root)
+    model, (x, y) = pool.expert_encoder("echo"), taskpool.dataset("echo", "train").batch(torch.arange(4))
+    params = dict(model.named_parameters())
+    forward = lambda m, inputs: token_rows(pool.heads(m(inputs), "echo"), None, inputs, labeled=False)[0]  # noqa: E731
+    got = fisher_of(model, params, forward, [x[:2], x[2:]], seed=0)
+    sampler, want = torch.Generator().manual_seed(0), {n: torch.zeros_like(p) for n, p in params.items()}
+    for batch in (x[:2], x[2:]):  # independent: per example, ∇ Σ_r log p(y_r) over its prompt rows, y_r sampled
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(forward(model, batch), -1).double(), 1, generator=sampler)[:, 0]
+        start = 0
+        for example in batch:
+            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+            logits = torch.func.functional_call(model, leaves, (example[None],))
+            rows = token_rows(logits, None, example[None], labeled=False)[0]
+            picked = sampled[start:start + len(rows), None]
+            grads = torch.autograd.grad(torch.log_softmax(rows, -1).gather(1, picked).sum(), list(leaves.values()))
+            start += len(rows)
+            for n, g in zip(params, grads):
+                want[n] += g.pow(2) / len(x)
+    assert all(torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-7) for n in params)
+    assert all(torch.equal(got[n], v) for n, v in diagonal_fisher(model, params, forward, [x[:2], x[2:]],
+                                                                   seed=0, vectorize=False).items())
+    theta0 = pool.pretrained_state()
+    gradient = objective_gradient(pool.encoder, pool.heads, theta0, {"echo": [(x, y)]}, CrossEntropy())
+    leaves = {n: t.clone().requires_grad_() for n, t in theta0.items()}
+    logits = torch.func.functional_call(pool.encoder, leaves, (x,))
+    cross_entropy(*token_rows(logits, y, x, labeled=True)).backward()
+    fw = gradient({n: torch.zeros_like(t) for n, t in theta0.items()})
+    assert all(torch.allclose(fw[n], leaves[n].grad, atol=1e-6) for n in theta0)
+    rows, labels = predictions(model, pool.heads, taskpool.dataset("echo", "test"), "echo", batch_size=5)
+    assert rows.shape == (int((taskpool.dataset("echo", "test").labels != IGNORE_INDEX).sum()), pool.heads.vocab_size)
+    assert torch.equal(labels, taskpool.dataset("echo", "test").labels[taskpool.dataset("echo", "test").labels != -100])
+
+
 # ---- tied embeddings, bad experts, LoRA ---------------------------------------------------------------------------
 
 def test_tied_embeddings_once_in_the_task_vectors_and_kept_tied_in_merges(lm_root):
@@ -398,3 +439,24 @@ def cli(root: dict, methods: list[str], out: Path, *extra: str) -> subprocess.Co
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "FUSION_CACHE": str(root["root"] / "cache"), "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, env=env, cwd=out.parent, text=True, capture_output=True, timeout=900)
+
+
+METHODS = ["task_arithmetic", "ties", "regmean", "fisher_merging", "adamerging_layer_wise"]
+
+
+def test_methods_run_end_to_end_on_a_llama_pool_with_instruction_data(lm_root, tmp_path):
+    done = cli(lm_root, METHODS, tmp_path / "llama")
+    assert done.returncode == 0, done.stderr[-4000:]
+    supervised = cli(lm_root, ["adamerging_layer_wise"], tmp_path / "supervised", "method/objective=cross_entropy",
+                     "method/data=val_labeled")
+    assert supervised.returncode == 0, supervised.stderr[-4000:]
+    runs = results(tmp_path / "llama")
+    assert sorted(runs) == sorted(METHODS)
+    runs["supervised"] = results(tmp_path / "supervised")["adamerging_layer_wise"]
+    for method, res in runs.items():
+        assert set(res["per_task"]) == set(TASKS) and res["modelpool"] == "hf_causal_lm", method
+        assert res["taskpool"] == "instructions" and all(0.0 <= a <= 1.0 for a in res["per_task"].values()), method
+        assert res["per_task"] != res["reference"]["pretrained"]["per_task"], method
+    layers = runs["regmean"]["method_info"]["regmean_layers"]  # Grams from token representations of every linear
+    assert {"model.model.layers.0.mlp.gate_proj", "model.model.layers.1.self_attn.o_proj", "model.lm_head"} <= set(layers)
+    assert "cross_entropy" in runs["supervised"]["protocol"] and "entropy" in runs["adamerging_layer_wise"]["protocol"]

@@ -102,7 +102,9 @@ class CausalLMEncoder(nn.Module):
     """``x: [B, 3, T] -> next-token logits [B, T, V]`` of the transformers causal LM ``model`` (its attribute).
 
     Args:
-        model: an ``AutoModelForCausalLM`` (float32, eval, no cache, dropout off).
+        model: an ``AutoModelForCausalLM`` (float32, eval, dropout off); it is called without a key/value cache (a
+            cache object passed from block to block would make replaying a block, RegMean++, stateful), while its
+            config keeps ``use_cache`` for generation after export.
         max_tokens: the longest input the model embeds (``None``: unbounded).
         conv1d: the module paths under ``model`` that were ``Conv1D`` (restored by :meth:`save_pretrained`).
         tokenizer_source: a directory whose tokenizer :meth:`save_pretrained` writes next to the model.
@@ -131,9 +133,7 @@ class CausalLMEncoder(nn.Module):
         tokenizer: ``AutoModelForCausalLM.from_pretrained(directory)`` loads it and can ``generate``. For
         Llama/Qwen/Mistral this equals ``encoder.model.save_pretrained``."""
         model = conv1d_from_linear(copy.deepcopy(self.model), self.conv1d) if self.conv1d else self.model
-        model.config.use_cache = True  # generation reuses its key/value cache
         model.save_pretrained(str(directory))
-        self.model.config.use_cache = False
         if self.tokenizer_source is not None:
             from transformers import AutoTokenizer
 
@@ -181,14 +181,13 @@ class NextTokenHeads(nn.Module):
 
 
 def load_causal_lm(directory: Path, adapter: CausalAdapter) -> tuple[nn.Module, list[str]]:
-    """``(model, conv1d paths)``: ``AutoModelForCausalLM`` from ``directory`` in float32 eval mode without a cache,
-    the adapter's dropout fields 0 (and every ``nn.Dropout``), ``Conv1D`` made linear when declared."""
+    """``(model, conv1d paths)``: ``AutoModelForCausalLM`` from ``directory`` in float32 eval mode, the adapter's
+    dropout fields 0 (and every ``nn.Dropout``), ``Conv1D`` made linear when declared."""
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                  **{f: 0.0 for f in adapter.dropout}).eval()
-    model.config.use_cache = False
     paths = [n for n, m in model.named_modules() if isinstance(m, Conv1D)] if adapter.conv1d else []
     return no_dropout(linear_from_conv1d(model) if adapter.conv1d else model), paths
 
