@@ -432,7 +432,8 @@ def cli(root: dict, methods: list[str], out: Path, *extra: str) -> subprocess.Co
     cmd = [sys.executable, "-m", "fusion.app", "-m", f"method={','.join(methods)}", "modelpool=hf_causal_lm",
            f"modelpool.base={root['tied']['base']}", f"modelpool.experts={{{experts}}}", "taskpool=instructions",
            f"taskpool.data_root={root['data']}", "taskpool.max_length=12",
-           "+taskpool.overrides.qa.template='{context} is {question}'", "+taskpool.overrides.qa.completion_column=answer",
+           "+taskpool.overrides.qa.template='{context} is {question}'",
+           "+taskpool.overrides.qa.completion_column=answer",
            "trainer.fast_dev_run=2", "trainer.enable_progress_bar=false", "logger=none", "print_table=false",
            "num_threads=1", "eval_batch_size=16", "checkpoint_every=0",
            f"hydra.sweep.dir={out}", "hydra.sweep.subdir=${hydra.job.num}", *extra]
@@ -458,5 +459,6 @@ def test_methods_run_end_to_end_on_a_llama_pool_with_instruction_data(lm_root, t
         assert res["taskpool"] == "instructions" and all(0.0 <= a <= 1.0 for a in res["per_task"].values()), method
         assert res["per_task"] != res["reference"]["pretrained"]["per_task"], method
     layers = runs["regmean"]["method_info"]["regmean_layers"]  # Grams from token representations of every linear
-    assert {"model.model.layers.0.mlp.gate_proj", "model.model.layers.1.self_attn.o_proj", "model.lm_head"} <= set(layers)
+    want = {"model.model.layers.0.mlp.gate_proj", "model.model.layers.1.self_attn.o_proj", "model.lm_head"}
+    assert want <= set(layers)
     assert "cross_entropy" in runs["supervised"]["protocol"] and "entropy" in runs["adamerging_layer_wise"]["protocol"]

@@ -75,7 +75,8 @@ def instruction_task_spec(task: str, **overrides: Any) -> InstructionTaskSpec:
     keys = {f.name for f in dataclasses.fields(InstructionTaskSpec)} - {"task"}
     unknown = sorted(set(overrides) - keys)
     if unknown:
-        raise ConfigError(f"taskpool.overrides.{task}: unknown keys {unknown}; an instruction task takes {sorted(keys)}")
+        raise ConfigError(f"taskpool.overrides.{task}: unknown keys {unknown}; an instruction task takes "
+                          f"{sorted(keys)}")
     if not {"hf", "path"} & {k for k, v in overrides.items() if v is not None}:
         raise ConfigError(f"instruction task '{task}' has no data: give taskpool.overrides.{task}.hf (a Hub dataset) "
                           f"or .path (a save_to_disk folder), or put a folder named {task} under taskpool.data_root")
