@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from fusion.data.contract import check_task_dataset, iterate_batches
+from fusion.train.objectives import token_rows
 from fusion.utils import progress
 
 Encoder = Callable[[Tensor], Tensor]
@@ -58,14 +59,16 @@ def random_subset(dataset, size: int | None, seed: int = 0) -> TaskSubset:
 @torch.no_grad()
 def task_accuracy(encoder: Encoder, heads, dataset, task: str, *, batch_size: int = 512,
                   device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``heads(encoder(x), task)`` over ``dataset``, batches read one at a time onto ``device``."""
+    """Top-1 accuracy of ``heads(encoder(x), task)`` over ``dataset``, batches read one at a time onto ``device``
+    (a causal LM's: next-token accuracy over every completion token, teacher-forced, :func:`token_rows`)."""
     device = torch.device(device)
     check_task_dataset(dataset, f"task '{task}'")
     encoder, heads = on_device(encoder, device), on_device(heads, device)
     metric = MulticlassAccuracy(num_classes=heads.num_classes(task), average="micro").to(device)
     for x, y in iterate_batches(dataset, batch_size):
-        logits = heads(encoder(x.to(device, non_blocking=True)), task)
-        metric.update(logits.argmax(-1), y.to(device, non_blocking=True))
+        x = x.to(device, non_blocking=True)
+        logits, target = token_rows(heads(encoder(x), task), y.to(device, non_blocking=True), x, labeled=True)
+        metric.update(logits.argmax(-1), target)
     return float(metric.compute())
 
 

@@ -42,7 +42,9 @@ class TaskDataset(Protocol):
 
     def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """The encoder's inputs ``x: Tensor[B, ...]`` (images ``[B, 3, H, W]`` float32 normalised as the model
-        expects; text ``[B, 2, T]`` int64 ids and mask) and labels ``Tensor[B]`` (int64), on the dataset's device."""
+        expects; text ``[B, 2, T]`` int64 ids and mask; instructions for a causal LM ``[B, 3, T]`` ids, mask and
+        role) and labels ``Tensor[B]`` (int64; a causal LM's: next-token labels ``[B, T]``, −100 where ignored,
+        :mod:`fusion.pools.causal_inputs`), on the dataset's device."""
 
     def to(self, device: str | torch.device) -> "TaskDataset":
         """The same data with batches made on ``device`` (decoded inputs resident there)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,27 +179,37 @@ def tokenize_texts(texts: Sequence[Sequence[str]], tokenizer, max_length: int) -
     return pack_inputs(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"] if types else None)
 
 
+def cached_tensors(path: Path, make: Callable[[], dict[str, Tensor]], metadata: dict[str, str]) -> dict[str, Tensor]:
+    """The tensors stored at ``path`` (a tokenised split keyed by its content), else ``make()`` written there
+    atomically with ``metadata``."""
+    if path.is_file():
+        return read_safetensors(path)
+    tensors = make()
+    atomic_save_safetensors(path, tensors, metadata)
+    return tensors
+
+
 def cached_tokens(data, spec: TextTaskSpec, tokenizer, max_length: int, cache: Path, name: str) -> TextTensorDataset:
     """A split tokenised, read from ``cache`` when its key (see the module docstring) is there, else made and
     written atomically."""
     parts = [data._fingerprint, list(spec.text_columns), spec.label_column, tokenizer_key(tokenizer), int(max_length)]
     key = sha256_json(parts + ([spec.template] if spec.template is not None else []))[:24]
     path = cache / f"{spec.task}-{key}.safetensors"
-    if path.is_file():
-        stored = read_safetensors(path)
-        return TextTensorDataset(stored["inputs"], stored["labels"], name)
-    log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), max_length, path)
-    if spec.template is None:
-        inputs = tokenize_columns(data, spec.text_columns, tokenizer, max_length)
-    else:
-        texts = fill_template(data, spec.template, data.column_names, template_source(spec))
-        inputs = tokenize_texts([texts], tokenizer, max_length)
-    labels = torch.as_tensor(list(data[spec.label_column]), dtype=torch.long)
-    atomic_save_safetensors(path, {"inputs": inputs, "labels": labels}, {"source": spec.source, "split": name})
-    return TextTensorDataset(inputs, labels, name)
+
+    def make() -> dict[str, Tensor]:
+        log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), max_length, path)
+        if spec.template is None:
+            inputs = tokenize_columns(data, spec.text_columns, tokenizer, max_length)
+        else:
+            texts = fill_template(data, spec.template, data.column_names, template_source(spec))
+            inputs = tokenize_texts([texts], tokenizer, max_length)
+        return {"inputs": inputs, "labels": torch.as_tensor(list(data[spec.label_column]), dtype=torch.long)}
+
+    stored = cached_tensors(path, make, {"source": spec.source, "split": name})
+    return TextTensorDataset(stored["inputs"], stored["labels"], name)
 
 
-def template_source(spec: TextTaskSpec) -> str:
+def template_source(spec) -> str:
     """Where a task's template comes from, for messages."""
     return f"dataset {spec.source} (task '{spec.task}', overrides.{spec.task}.template)"
 

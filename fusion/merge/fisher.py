@@ -94,18 +94,34 @@ class _Forward(nn.Module):
 
 def _per_example_sq_grads(wrapped: _Forward, params: StateDict, x: Tensor, y: Tensor,
                           vectorize: bool) -> StateDict:
-    """``Σ_n (∇_θ log p(y_n|x_n))²`` over one batch: ``{name: Tensor[*shape]}``."""
+    """``Σ_n (∇_θ log p(y_n|x_n))²`` over one batch: ``{name: Tensor[*shape]}``.
+
+    An example whose forward gives several rows (a causal LM's next-token predictions at its prompt positions,
+    :func:`fusion.train.objectives.token_rows`) has the log-likelihood ``Σ_r log p(y_r|x)`` of its rows; ``y`` then
+    holds every row's label, each example's rows contiguous, and the examples are looped over.
+    """
+    rows: list[int] = []  # the row count of each example the loop visits
+
     def log_lik(p: StateDict, xi: Tensor, yi: Tensor) -> Tensor:
         logits = functional_call(wrapped, {f"model.{n}": v for n, v in p.items()}, (xi.unsqueeze(0),))
-        return torch.log_softmax(logits, dim=-1)[0].gather(0, yi.reshape(1))[0]
+        return torch.log_softmax(logits, dim=-1).gather(1, yi.reshape(-1, 1)).sum()
 
-    if vectorize:
+    def example_log_lik(p: StateDict, xi: Tensor) -> Tensor:
+        """``Σ_r log p(y_r|x)`` over the rows of ``xi``, labelled by the next ``y`` rows (their count kept)."""
+        logits = functional_call(wrapped, {f"model.{n}": v for n, v in p.items()}, (xi.unsqueeze(0),))
+        start = sum(rows)
+        rows.append(logits.shape[0])
+        return torch.log_softmax(logits, dim=-1).gather(1, y[start:start + rows[-1]].reshape(-1, 1)).sum()
+
+    if vectorize and len(y) == len(x):  # one row per example
         grads = vmap(grad(log_lik), in_dims=(None, 0, 0))(params, x, y)
         return {n: g.pow(2).sum(0) for n, g in grads.items()}
     out = {n: torch.zeros_like(v) for n, v in params.items()}
-    for xi, yi in zip(x, y):
-        for n, g in grad(log_lik)(params, xi, yi).items():
+    for xi in x:
+        for n, g in grad(example_log_lik)(params, xi).items():
             out[n] += g.pow(2)
+    if sum(rows) != len(y):
+        raise ValueError(f"diagonal_fisher: the examples' forwards gave {sum(rows)} rows but {len(y)} labels")
     return out
 
 
@@ -118,11 +134,13 @@ def diagonal_fisher(model: nn.Module, params: Mapping[str, Tensor], forward: Cal
         model: the network; ``params`` are substituted into it with ``torch.func.functional_call``.
         params: ``{name: Tensor}`` of the parameters to differentiate (e.g. ``dict(model.named_parameters())``);
             the other parameters and buffers are taken from ``model``.
-        forward: ``forward(model, x: Tensor[B, ...]) -> logits: Tensor[B, C]``.
+        forward: ``forward(model, x: Tensor[B, ...]) -> logits: Tensor[B, C]``, or ``Tensor[N, C]``: the rows of
+            each example in turn (a causal LM's next-token rows; an example's log-likelihood is its rows' sum).
         batches: input batches.
         labels: label batches aligned with ``batches`` (empirical Fisher); ``None`` samples
             ``y_n ~ softmax(logits_n)`` with ``torch.multinomial`` and a ``torch.Generator`` seeded by ``seed``
-            (one draw per example, batches in order; the true Fisher's Monte-Carlo estimate).
+            (one draw per row, batches in order; the true Fisher's Monte-Carlo estimate; for several rows per
+            example, each row's next token is drawn given the real preceding tokens, not a sampled sequence).
         vectorize: ``vmap`` over the examples of a batch; ``False`` loops (for modules vmap cannot batch).
     Returns:
         ``{name: Tensor[*shape]}`` averaged over all N examples.

@@ -20,6 +20,7 @@ from fusion.merge.regmean_plusplus import regmean_plusplus
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.static import StaticMerge, merged_encoder
 from fusion.pools.pool import require_no_distractors
+from fusion.train.objectives import token_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,16 @@ def sample_batches(taskpool, task: str, num_samples: int, batch_size: int, seed:
 
 def expert_fishers(pool, taskpool, ctx: RunContext, num_samples: int, batch_size: int) -> list[dict]:
     """Each expert's diagonal Fisher ``{name: Tensor[*shape]}`` over its float parameters, from ``num_samples``
-    unlabeled train inputs of its task (labels sampled from its own predictions, seeded by ``ctx.seed + k``)."""
+    unlabeled train inputs of its task (labels sampled from its own predictions, seeded by ``ctx.seed + k``; a causal
+    LM's: one sampled next token at each prompt position, :func:`token_rows`, an example's log-likelihood the sum
+    over its rows)."""
     fishers = []
     for i, task in enumerate(pool.tasks):
         model = pool.expert_encoder(task)
         batches = sample_batches(taskpool, task, num_samples, batch_size, ctx.seed + i, device=ctx.device)
         params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
-        fishers.append(fisher_of(model, params, lambda m, x, t=task: pool.heads(m(x), t), batches, ctx.seed + i))
+        forward = lambda m, x, t=task: token_rows(pool.heads(m(x), t), None, x, labeled=False)[0]  # noqa: E731
+        fishers.append(fisher_of(model, params, forward, batches, ctx.seed + i))
     return fishers
 
 

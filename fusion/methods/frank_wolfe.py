@@ -19,7 +19,7 @@ from fusion.merge.task_vectors import StateDict
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.methods.data_merges import sample_labeled_batches
 from fusion.methods.static import grid_accuracy, merged_encoder
-from fusion.train.objectives import CrossEntropy, Objective
+from fusion.train.objectives import CrossEntropy, Objective, token_rows
 
 
 def objective_gradient(encoder, heads, theta0: StateDict, batches: Mapping[str, list], objective: Objective
@@ -36,7 +36,8 @@ def objective_gradient(encoder, heads, theta0: StateDict, batches: Mapping[str, 
             for task, task_batches in batches.items():
                 for x, y in task_batches:
                     logits = heads(functional_call(encoder, params, (x,)), task)
-                    loss = objective(logits, y) * (x.shape[0] / (counts[task] * len(batches)))
+                    rows = token_rows(logits, y, x, objective.needs_labels)
+                    loss = objective(*rows) * (x.shape[0] / (counts[task] * len(batches)))
                     parts = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
                     for n, g in zip(params, parts):
                         if g is not None:

@@ -5,7 +5,9 @@ A **model pool** (:class:`Backbone`) is what every method receives: the pretrain
 ids and attention mask ``[B, 2, T]`` int64 for a text backbone), the experts ``θ_k`` as state dicts, stacked task
 vectors, and the **heads**, the backbone adapter that turns features and a task into logits
 (``heads(features, task)``; CLIP's zero-shot heads, :class:`fusion.pools.heads.ZeroShotHeads`; each text expert's own
-classifier, :class:`fusion.pools.hf_text.ClassifierHeads`). Only the encoder is merged: the heads stay per task.
+classifier, :class:`fusion.pools.hf_text.ClassifierHeads`; a causal LM's next-token logits ``[B, T, V]`` passed through,
+:class:`fusion.pools.hf_causal_lm.NextTokenHeads`, whose rows :func:`fusion.train.objectives.token_rows` picks). Only
+the encoder is merged: the heads stay per task.
 :class:`fusion.pools.pool.ModelPool` (mini8, a saved directory, open_clip and HF CLIP checkpoints, HF
 sequence-classification checkpoints) honours it;
 :func:`check_model_pool` enforces it where ``conf/modelpool`` is instantiated, naming what an object lacks.

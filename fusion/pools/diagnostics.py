@@ -18,17 +18,20 @@ from fusion.data.contract import iterate_batches
 from fusion.merge.combine import combine
 from fusion.merge.task_vectors import add_delta
 from fusion.pools.openclip import copy_with_state, freeze
-from fusion.train.objectives import sample_entropy
+from fusion.train.objectives import sample_entropy, token_rows
 
 
 @torch.no_grad()
 def predictions(encoder, heads, dataset, task: str, batch_size: int = 512) -> tuple[Tensor, Tensor]:
-    """``(logits [N, C], labels [N])`` of ``heads(encoder(x), task)`` over ``dataset``, on the encoder's device."""
+    """``(logits [N, C], labels [N])`` of ``heads(encoder(x), task)`` over ``dataset``, on the encoder's device (a
+    causal LM's rows: every completion token, :func:`token_rows`)."""
     device = next(encoder.parameters()).device
     logits, labels = [], []
     for x, y in iterate_batches(dataset, batch_size):
-        logits.append(heads(encoder(x.to(device)), task).float().cpu())
-        labels.append(y.cpu())
+        x = x.to(device)
+        rows, target = token_rows(heads(encoder(x), task), y.to(device), x, labeled=True)
+        logits.append(rows.float().cpu())
+        labels.append(target.cpu())
     return torch.cat(logits), torch.cat(labels)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fusion.param.contract import Parametrization
-from fusion.train.objectives import Objective
+from fusion.train.objectives import Objective, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ class MergeTraining(pl.LightningModule):
         leaves = {k: v.detach().requires_grad_(v.requires_grad) for k, v in state.items()}
         losses = {}
         for task, (images, labels) in batch.items():
-            loss = self.objective(self.heads(self.model(images, leaves), task), labels)
+            logits = self.heads(self.model(images, leaves), task)
+            loss = self.objective(*token_rows(logits, labels, images, self.objective.needs_labels))
             self.manual_backward(loss)
             losses[task] = loss.detach()
         backward_through_state(state, leaves, self.manual_backward)
