@@ -215,7 +215,7 @@ class RoutedMLP(nn.Module):
     :class:`RoutedLinear` and the MLP's own forward runs unchanged (``mlp``'s other parameters stay as they are).
 
     Args:
-        mlp: the MLP module (its linears still hold the pretrained weights, copied into frozen buffers).
+        mlp: the MLP module (its linears still hold the pretrained weights, which move into frozen buffers).
         linears: the paths of its linears, in module order; the ``i``-th (from 1) owns buffers ``w0_i``, ``b0_i``,
             ``tw_i``, ``tb_i`` (pretrained weight and bias, their task vectors; non-persistent).
         tau: ``{"<linear path>.weight": [K, out, in], "<linear path>.bias": [K, out]}``.
