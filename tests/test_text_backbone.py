@@ -292,19 +292,8 @@ def results(out: Path) -> dict[str, dict]:
     return {r["method"]: r for r in (json.loads(p.read_text()) for p in sorted(out.glob("*/results.json")))}
 
 
-def test_wemoe_routes_gpt2_mlps_given_their_pattern(text_root, tmp_path):
-    done = cli(text_root, "gpt2", ["wemoe"], tmp_path / "wemoe", r"method.model.mlp_pattern='(^|\.)h\.\d+\.mlp$'")
-    assert done.returncode == 0, done.stderr[-4000:]
-    res = results(tmp_path / "wemoe")["wemoe"]
-    assert set(res["per_task"]) == set(TASKS)
-
-
-def test_roberta_text_pool_end_to_end_and_wemoe_refuses_it_clearly(text_root, tmp_path):
-    done = cli(text_root, "roberta", ["task_arithmetic", "regmean", "adamerging_layer_wise"], tmp_path / "roberta")
-    assert done.returncode == 0, done.stderr[-4000:]
-    runs = results(tmp_path / "roberta")
-    assert sorted(runs) == ["adamerging_layer_wise", "regmean", "task_arithmetic"]
-    assert "body.encoder.layer.0.attention.self.query" in runs["regmean"]["method_info"]["regmean_layers"]
+def test_routed_methods_refuse_roberta_clearly(text_root, tmp_path):
+    """Every other method on RoBERTa: tests/test_text_methods.py."""
     failed = cli(text_root, "roberta", ["wemoe"], tmp_path / "roberta_wemoe")
     assert failed.returncode != 0
     assert "no transformer MLP blocks found" in failed.stderr and "BERT/RoBERTa" in failed.stderr

@@ -138,12 +138,18 @@ class LearnedMerge:
         base = pool.encoder
         if isinstance(init, MergedStart):  # start at that merge: base θ0 + δ, coefficients from 0
             base, init = merged_encoder(pool, init.delta), 0.0
-        model = check_parametrization(self.model(base=base, task_vectors=tv, init=init), f"method '{self.name}'")
+        model = check_parametrization(self.model(base=base, task_vectors=tv, init=init, **self.pool_inputs(pool)),
+                                      f"method '{self.name}'")
         if model.input_dependent and base is not pool.encoder:
             raise ConfigError(f"method '{self.name}' is a router, whose saved model is rebuilt over the pretrained "
                               "encoder: it cannot start from a merged vector; use a λ init (method/init="
                               "task_arithmetic)")
         return model
+
+    def pool_inputs(self, pool) -> dict[str, Any]:
+        """What the model factory takes from the pool besides θ_0 and the task vectors: nothing here
+        (:class:`RoutedMerge`: the pool's transformer-MLP pattern)."""
+        return {}
 
     def build_data(self, taskpool, tasks, ctx: RunContext, module: MergeTraining):
         datamodule = self.data(taskpool=taskpool, tasks=tasks, seed=ctx.seed, device=ctx.device,
@@ -189,3 +195,13 @@ class LearnedMerge:
 
             record.routing = routing_matrix(model, taskpool, tasks)
         return record
+
+
+class RoutedMerge(LearnedMerge):
+    """A learned merge whose model routes the pool's transformer MLPs (WEMoE, sparse WEMoE, SMEAR:
+    :mod:`fusion.param.routed`): the factory also receives the pool's declared MLP pattern
+    (:attr:`fusion.pools.contract.Backbone.mlp_pattern`) as ``pool_mlp_pattern``, which it uses when
+    ``method.model.mlp_pattern`` is null (:func:`fusion.param.routed.resolve_mlp_pattern`)."""
+
+    def pool_inputs(self, pool) -> dict[str, Any]:
+        return {"pool_mlp_pattern": pool.mlp_pattern}

@@ -2,11 +2,18 @@
 
 Construction (WEMoE, Tang et al. ICML 2024, ``scripts/clip_dictmoe.py``), on a deep copy of the base encoder:
 
-1. every parameter outside the MLPs' two linears is merged by task arithmetic, ``θ = θ_0 + λ_0 Σ_k τ_k``
+1. every parameter outside the MLPs' linears is merged by task arithmetic, ``θ = θ_0 + λ_0 Σ_k τ_k``
    (``λ_0 = init``, 0.3), and frozen;
-2. each transformer block's MLP (module paths matching ``mlp_pattern``, with ``c_fc``/``c_proj`` or ``fc1``/``fc2``
-   linear children) becomes a :class:`RoutedMLP` holding the *pretrained* MLP weights ``θ_0^mlp``, the K frozen MLP
-   task vectors and a trainable router: per sample ``W^mlp(x) = θ_0^mlp + Σ_k r_k(x) τ_k^mlp``.
+2. each transformer block's MLP (a module whose path matches ``mlp_pattern`` and that holds at least two
+   ``nn.Linear`` descendants) becomes a :class:`RoutedMLP`: a trainable router reads the MLP's input tokens once per
+   forward, and every linear inside the MLP (direct or nested: ``c_fc``/``c_proj``, ``fc1``/``fc2``, Llama's
+   ``gate_proj``/``up_proj``/``down_proj``, T5's ``wi``/``wo`` or ``wi_0``/``wi_1``/``wo``) holds the *pretrained*
+   weights ``θ_0`` and the K frozen task vectors: per sample ``W(x) = θ_0 + Σ_k r_k(x) τ_k``
+   (:class:`RoutedLinear`). The MLP's own forward (activation, gating, dropout) runs unchanged around them.
+
+The pattern: the method's ``mlp_pattern`` if set, else the one the model pool declares
+(:attr:`fusion.pools.contract.Backbone.mlp_pattern`, e.g. GPT-2's ``h.<i>.mlp``), else :data:`MLP_PATTERN`
+(open_clip and HF CLIP); :func:`resolve_mlp_pattern`.
 
 WEMoE: unnormalised 2-layer router (:class:`~fusion.param.routers.WEMoERouter`); E-WEMoE (Shen et al., arXiv
 2410.21804): MLP task vectors magnitude-pruned per tensor to ``keep`` (0.1) and one router shared by all blocks;
@@ -24,6 +31,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +45,18 @@ from fusion.param.merged import freeze_
 from fusion.param.routers import GlobalScale, SMEARRouter, WEMoERouter, check_depth, check_form, routed_linear
 
 MLP_PATTERN = r"(^|\.)(resblocks|layers)\.\d+\.mlp$"  # open_clip `transformer.resblocks.<i>.mlp`, HF `layers.<i>.mlp`
-LINEAR_PAIRS = (("c_fc", "c_proj"), ("fc1", "fc2"))
+NOT_ONE_MODULE = ("A backbone whose MLP is not one module (BERT/RoBERTa: intermediate.dense and output.dense with the "
+                  "residual LayerNorm between them) cannot be routed; use a merge of whole task vectors "
+                  "(task_arithmetic, ties, adamerging_layer_wise, ...) on it.")
+
+
+def resolve_mlp_pattern(mlp_pattern: str | None, pool_mlp_pattern: str | None) -> str:
+    """The MLP pattern a routed model uses: the method's (``method.model.mlp_pattern``) if set, else the model
+    pool's declared one (:attr:`fusion.pools.contract.Backbone.mlp_pattern`), else :data:`MLP_PATTERN`."""
+    for pattern in (mlp_pattern, pool_mlp_pattern):
+        if pattern is not None:
+            return pattern
+    return MLP_PATTERN
 
 
 def prune_per_tensor(tv: Mapping[str, Tensor], keep: float = 0.1) -> TaskVectors:
@@ -56,26 +75,35 @@ def prune_per_tensor(tv: Mapping[str, Tensor], keep: float = 0.1) -> TaskVectors
     return out
 
 
-def find_mlps(model: nn.Module, pattern: str = MLP_PATTERN) -> dict[str, tuple[str, str]]:
-    """``{module path: (first linear, second linear)}`` for every module matching ``pattern`` with such children."""
+def linear_paths(module: nn.Module) -> list[str]:
+    """The paths (relative to ``module``) of every ``nn.Linear`` below it, direct or nested, in module order."""
+    return [p for p, m in module.named_modules() if p and isinstance(m, nn.Linear)]
+
+
+def find_mlps(model: nn.Module, pattern: str = MLP_PATTERN) -> dict[str, list[str]]:
+    """``{module path: [its nn.Linear descendants]}`` for every module whose path matches ``pattern`` and that holds
+    at least two linears (a transformer MLP: up and down projections, maybe a gate)."""
     found, matched = {}, []
     for path, module in model.named_modules():
         if re.search(pattern, path):
             matched.append(path)
-            for a, b in LINEAR_PAIRS:
-                if isinstance(getattr(module, a, None), nn.Linear) and isinstance(getattr(module, b, None), nn.Linear):
-                    found[path] = (a, b)
+            linears = linear_paths(module)
+            if len(linears) >= 2:
+                found[path] = linears
+    nested = [(p, q) for p in found for q in found if q.startswith(f"{p}.")]
+    if nested:
+        raise HyperparameterError(
+            f"mlp_pattern={pattern!r} matches module {nested[0][1]!r} inside the matched module {nested[0][0]!r}: "
+            "a routed MLP cannot hold another; set method.model.mlp_pattern to a regex that matches only the "
+            "transformer MLP modules (e.g. ending in 'mlp$').")
     if not found:
         paths = [p for p, _ in model.named_modules() if p]
         raise HyperparameterError(
             f"no transformer MLP blocks found in {type(model).__name__}: no module path matches mlp_pattern="
-            f"{pattern!r} and has Linear children {' or '.join('/'.join(p) for p in LINEAR_PAIRS)}. Matching paths "
-            f"without such children: {matched[:10]}; module paths seen: {paths[:30]}"
-            f"{' ...' if len(paths) > 30 else ''}."
-            " Set method.model.mlp_pattern to a regex matching the MLP module paths (HF GPT-2 in a text pool: "
-            r"'(^|\.)h\.\d+\.mlp$'). A backbone whose MLP is not one module (BERT/RoBERTa: intermediate.dense and "
-            "output.dense with the residual LayerNorm between them) cannot be routed; use a merge of whole task "
-            "vectors (task_arithmetic, ties, adamerging_layer_wise, ...) on it.")
+            f"{pattern!r} and holds at least two nn.Linear layers. Matching paths without them: {matched[:10]}; "
+            f"module paths seen: {paths[:30]}{' ...' if len(paths) > 30 else ''}."
+            " Set method.model.mlp_pattern to a regex matching the MLP module paths (or declare the pool's "
+            r"mlp_pattern; HF GPT-2 in a text pool declares '(^|\.)h\.\d+\.mlp$'). " + NOT_ONE_MODULE)
     return found
 
 
@@ -123,30 +151,94 @@ class RoutingRecorder:
         return torch.stack([w.mean(0) for w in self.per_block().values()]).mean(0)
 
 
+@dataclass(frozen=True)
+class LinearRoute:
+    """What a :class:`RoutedLinear` computes with during one forward of its :class:`RoutedMLP`.
+
+    ``w0 [out, in]``, ``b0 [out]`` (or ``None``): the pretrained linear; ``tw [K, out, in]``, ``tb [K, out]`` (or
+    ``None``): its task vectors; ``r [B|1, K]``: the block's routing weights; ``form``: the routed-linear form;
+    ``batch_first``: the token layout the MLP runs in (``[B, T, d]``, else ``[T, B, d]``).
+    """
+
+    w0: Tensor
+    b0: Tensor | None
+    tw: Tensor
+    tb: Tensor | None
+    r: Tensor
+    form: str
+    batch_first: bool
+
+
+class RoutedLinear(nn.Module):
+    """The place of one ``nn.Linear`` inside a routed MLP: ``y = x W(x)ᵀ + b(x)``, ``W = θ_0 + Σ_k r_k τ_k``.
+
+    Holds no tensors: its :class:`RoutedMLP` owns them and hands them over with ``r`` for each forward
+    (:attr:`route`), so the MLP's own forward calls it like the linear it replaced. ``weight`` is the pretrained
+    weight during that forward (modules that read ``self.<linear>.weight.dtype``, T5's ``wo``, keep working).
+    Inputs are tokens ``[B, T, in]`` (``[T, B, in]`` when not ``batch_first``).
+    """
+
+    def __init__(self, linear: nn.Linear, path: str):
+        super().__init__()
+        self.in_features, self.out_features, self.path = linear.in_features, linear.out_features, path
+        self.route: LinearRoute | None = None
+
+    def current(self) -> LinearRoute:
+        if self.route is None:
+            raise RuntimeError(f"the routed linear {self.path!r} runs only inside its RoutedMLP's forward, which "
+                               "hands it the routing weights of the batch")
+        return self.route
+
+    @property
+    def weight(self) -> Tensor:
+        return self.current().w0
+
+    def forward(self, x: Tensor) -> Tensor:
+        route = self.current()
+        if x.dim() != 3:
+            raise ValueError(f"the routed linear {self.path!r} takes tokens [B, T, {self.in_features}] (one routing "
+                             f"vector per sample), got {tuple(x.shape)}: this MLP reshapes its tokens, so it cannot "
+                             "be routed per sample")
+        h = x if route.batch_first else x.transpose(0, 1)
+        cast = [None if t is None else t.to(x.dtype) for t in (route.w0, route.b0, route.tw, route.tb)]
+        y = routed_linear(h, *cast, route.r, route.form)
+        return y if route.batch_first else y.transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.path}: in_features={self.in_features}, out_features={self.out_features}"
+
+
 class RoutedMLP(nn.Module):
-    """``Linear → activation → Linear`` whose weights are ``θ_0 + Σ_k r_k(x) τ_k`` per sample.
+    """A transformer MLP whose every linear has the weights ``θ_0 + Σ_k r_k(x) τ_k`` per sample.
+
+    The router reads the MLP's input once per forward; each ``nn.Linear`` under ``mlp`` is replaced (in place) by a
+    :class:`RoutedLinear` and the MLP's own forward runs unchanged (``mlp``'s other parameters stay as they are).
 
     Args:
-        first, second: the pretrained linears (their weights are copied into frozen buffers).
-        activation: what runs between them (open_clip ``gelu``, HF ``activation_fn``), already merged.
-        tau: ``{"first.weight": [K, out, in], "first.bias": [K, out], "second.weight": ..., "second.bias": ...}``.
+        mlp: the MLP module (its linears still hold the pretrained weights, which move into frozen buffers).
+        linears: the paths of its linears, in module order; the ``i``-th (from 1) owns buffers ``w0_i``, ``b0_i``,
+            ``tw_i``, ``tb_i`` (pretrained weight and bias, their task vectors; non-persistent).
+        tau: ``{"<linear path>.weight": [K, out, in], "<linear path>.bias": [K, out]}``.
         router: ``tokens [B, T, d] -> r [B, K]`` (possibly shared between blocks).
         batch_reduce: in training, average ``r`` over the batch (FusionBench's TTA); evaluation is per sample.
         form: how :func:`~fusion.param.routers.routed_linear` computes the per-sample linear.
         batch_first: the token layout, ``[B, T, d]`` (else ``[T, B, d]``).
     """
 
-    def __init__(self, first: nn.Linear, second: nn.Linear, activation: nn.Module, tau: Mapping[str, Tensor],
-                 router: nn.Module, batch_reduce: bool = False, form: str = "auto", batch_first: bool = True):
+    def __init__(self, mlp: nn.Module, linears: Sequence[str], tau: Mapping[str, Tensor], router: nn.Module,
+                 batch_reduce: bool = False, form: str = "auto", batch_first: bool = True):
         super().__init__()
-        for i, linear in (("1", first), ("2", second)):
-            key = "first" if i == "1" else "second"
-            self.register_buffer(f"w0_{i}", linear.weight.detach().clone(), persistent=False)
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            self.register_buffer(f"b0_{i}", bias, persistent=False)
-            self.register_buffer(f"tw_{i}", tau[f"{key}.weight"], persistent=False)
-            self.register_buffer(f"tb_{i}", tau.get(f"{key}.bias"), persistent=False)
-        self.activation, self.router = freeze_(activation), router
+        self.linears = list(linears)
+        for i, path in enumerate(self.linears, 1):
+            linear = mlp.get_submodule(path)
+            self.register_buffer(f"w0_{i}", linear.weight.detach(), persistent=False)
+            self.register_buffer(f"b0_{i}", None if linear.bias is None else linear.bias.detach(), persistent=False)
+            self.register_buffer(f"tw_{i}", tau[f"{path}.weight"], persistent=False)
+            self.register_buffer(f"tb_{i}", tau.get(f"{path}.bias"), persistent=False)
+            parent, _, name = path.rpartition(".")
+            setattr(mlp.get_submodule(parent), name, RoutedLinear(linear, path))
+        self.width = mlp.get_submodule(self.linears[0]).in_features
+        self.mlp, self.router = freeze_(mlp), router
         self.batch_reduce, self.form, self.batch_first = bool(batch_reduce), form, batch_first
         self.path, self.recorder, self.last_weights = "", None, None
 
@@ -155,19 +247,31 @@ class RoutedMLP(nn.Module):
         r = self.router(x)
         return r.mean(0, keepdim=True) if self.batch_reduce and self.training else r
 
-    def linear(self, x: Tensor, i: str, r: Tensor) -> Tensor:
-        buf = {n: getattr(self, f"{n}_{i}") for n in ("w0", "b0", "tw", "tb")}
-        cast = {n: None if t is None else t.to(x.dtype) for n, t in buf.items()}
-        return routed_linear(x, cast["w0"], cast["b0"], cast["tw"], cast["tb"], r, self.form)
+    @contextlib.contextmanager
+    def routing(self, r: Tensor) -> Iterator[None]:
+        """Hand every :class:`RoutedLinear` its tensors and ``r`` for one forward; take them back after."""
+        slots = [self.mlp.get_submodule(p) for p in self.linears]
+        for i, slot in enumerate(slots, 1):
+            slot.route = LinearRoute(*(getattr(self, f"{n}_{i}") for n in ("w0", "b0", "tw", "tb")), r, self.form,
+                                     self.batch_first)
+        try:
+            yield
+        finally:
+            for slot in slots:
+                slot.route = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x if self.batch_first else x.transpose(0, 1)
-        r = self.weights(x)
+        tokens = x if self.batch_first else x.transpose(0, 1)
+        if tokens.shape[-1] != self.width:
+            raise ValueError(f"the routed MLP {self.path!r} receives tokens of width {tokens.shape[-1]}, but its "
+                             f"router was built for {self.width}, the in_features of its first linear "
+                             f"{self.linears[0]!r}: the first linear in module order must read the MLP's input")
+        r = self.weights(tokens)
         self.last_weights = r.detach()
         if self.recorder is not None:
-            self.recorder.add(self.path, r.expand(x.shape[0], -1))
-        y = self.linear(self.activation(self.linear(x, "1", r)), "2", r)
-        return y if self.batch_first else y.transpose(0, 1)
+            self.recorder.add(self.path, r.expand(tokens.shape[0], -1))
+        with self.routing(r):
+            return self.mlp(x)
 
 
 class RoutedEncoder(ParametrizationBase):
@@ -195,8 +299,8 @@ class RoutedEncoder(ParametrizationBase):
         self.num_experts, self.spec = num_tasks(task_vectors), spec or {}
         self.encoder = freeze_(copy.deepcopy(base))
         mlps = find_mlps(self.encoder, mlp_pattern)
-        routed = {f"{p}.{c}.{n}": (p, c, n) for p, pair in mlps.items() for c in pair
-                  for n, _ in self.encoder.get_submodule(f"{p}.{c}").named_parameters()}
+        routed = {f"{p}.{lin}.{n}": p for p, linears in mlps.items() for lin in linears
+                  for n, _ in self.encoder.get_submodule(f"{p}.{lin}").named_parameters()}
         missing = [n for n in routed if n not in task_vectors]
         if missing:
             raise KeyError(f"the task vectors have no entry for the MLP parameters {missing[:3]}")
@@ -206,22 +310,20 @@ class RoutedEncoder(ParametrizationBase):
         mlp_tv = prune_per_tensor(mlp_tv, keep) if keep is not None else mlp_tv
         self.block_paths = list(mlps)
         routers = self.make_routers(mlps, make_router, shared_router)
-        for path, (a, b) in mlps.items():
-            mlp = self.encoder.get_submodule(path)
-            tau = {("first" if c == a else "second") + f".{n}": mlp_tv[k]
-                   for k, (p, c, n) in routed.items() if p == path}
-            activation = nn.Sequential(*[m for n, m in mlp.named_children() if n not in (a, b)])
-            block = RoutedMLP(getattr(mlp, a), getattr(mlp, b), activation, tau, routers[path], batch_reduce, form,
+        for path, linears in mlps.items():
+            tau = {n.removeprefix(f"{path}."): t for n, t in mlp_tv.items() if routed[n] == path}
+            block = RoutedMLP(self.encoder.get_submodule(path), linears, tau, routers[path], batch_reduce, form,
                               tokens_batch_first(self.encoder, path))
             block.path = path
             parent, _, name = path.rpartition(".")
             setattr(self.encoder.get_submodule(parent), name, block)
         self.train()
 
-    def make_routers(self, mlps: Mapping[str, tuple[str, str]], make_router: Callable[[int], nn.Module],
+    def make_routers(self, mlps: Mapping[str, Sequence[str]], make_router: Callable[[int], nn.Module],
                      shared: bool) -> dict[str, nn.Module]:
-        """One router per MLP path, or one router object for all of them (``shared``; equal widths required)."""
-        dims = {p: getattr(self.encoder.get_submodule(p), a).in_features for p, (a, _) in mlps.items()}
+        """One router per MLP path, or one router object for all of them (``shared``; equal widths required). A
+        router reads the MLP's input: its width is the ``in_features`` of the MLP's first linear."""
+        dims = {p: self.encoder.get_submodule(f"{p}.{linears[0]}").in_features for p, linears in mlps.items()}
         if not shared:
             return {p: make_router(d) for p, d in dims.items()}
         if len(set(dims.values())) > 1:
@@ -292,12 +394,15 @@ def _json_init(init, lam: Tensor):
 
 def wemoe(base: nn.Module, task_vectors: Mapping[str, Tensor], init: float | Sequence[float] = 0.3, depth: int = 2,
           batch_reduce: bool = True, keep: float | None = None, shared_router: bool = False,
-          mlp_pattern: str = MLP_PATTERN, form: str = "auto") -> RoutedEncoder:
+          mlp_pattern: str | None = None, form: str = "auto", pool_mlp_pattern: str | None = None) -> RoutedEncoder:
     """WEMoE (Tang et al., ICML 2024): ``W^mlp(x) = θ_0^mlp + Σ_k r_k(x) τ_k^mlp``, router depth 0/1/2, b_2 = init.
 
     ``keep``/``shared_router`` give E-WEMoE (see :func:`sparse_wemoe`). ``batch_reduce`` applies in training only.
+    ``mlp_pattern`` (``None``: ``pool_mlp_pattern``, the pool's declared one, else :data:`MLP_PATTERN`;
+    :func:`resolve_mlp_pattern`) selects the MLPs; the resolved pattern is what the saved spec records.
     """
     check_depth(depth)
+    mlp_pattern = resolve_mlp_pattern(mlp_pattern, pool_mlp_pattern)
     lam = initial_values(init, num_tasks(task_vectors))
     spec = _spec("wemoe", init=_json_init(init, lam), depth=depth, batch_reduce=batch_reduce, keep=keep,
                  shared_router=shared_router, mlp_pattern=mlp_pattern, form=form)
@@ -308,20 +413,24 @@ def wemoe(base: nn.Module, task_vectors: Mapping[str, Tensor], init: float | Seq
 
 def sparse_wemoe(base: nn.Module, task_vectors: Mapping[str, Tensor], init: float | Sequence[float] = 0.3,
                  depth: int = 2, batch_reduce: bool = True, keep: float = 0.1, shared_router: bool = True,
-                 mlp_pattern: str = MLP_PATTERN, form: str = "auto") -> RoutedEncoder:
+                 mlp_pattern: str | None = None, form: str = "auto",
+                 pool_mlp_pattern: str | None = None) -> RoutedEncoder:
     """E-WEMoE (Shen et al., arXiv 2410.21804): WEMoE, MLP task vectors pruned to ``keep`` per tensor, one router."""
-    return wemoe(base, task_vectors, init, depth, batch_reduce, keep, shared_router, mlp_pattern, form)
+    return wemoe(base, task_vectors, init, depth, batch_reduce, keep, shared_router, mlp_pattern, form,
+                 pool_mlp_pattern)
 
 
 def smear(base: nn.Module, task_vectors: Mapping[str, Tensor], init: float | Sequence[float] = 0.3,
           expert_dropout: float = 0.1, learn_scale: bool = True, batch_reduce: bool = False,
-          keep: float | None = None, mlp_pattern: str = MLP_PATTERN, form: str = "auto") -> RoutedEncoder:
+          keep: float | None = None, mlp_pattern: str | None = None, form: str = "auto",
+          pool_mlp_pattern: str | None = None) -> RoutedEncoder:
     """SMEAR applied to task vectors (Muqeeth et al., TMLR 2024; METHODS.md §2): ``θ_0 + s Σ_k p_k(x) τ_k``.
 
     ``p = softmax(W LN(mean_t x) + b)`` per block; ``s`` is learned from ``Σ_k init_k`` (0.3·K) when ``learn_scale``,
-    else 1 (a convex combination of the experts' MLPs).
+    else 1 (a convex combination of the experts' MLPs). ``mlp_pattern``/``pool_mlp_pattern`` as :func:`wemoe`.
     """
     check_drop_rate(expert_dropout, "expert_dropout")
+    mlp_pattern = resolve_mlp_pattern(mlp_pattern, pool_mlp_pattern)
     lam = initial_values(init, num_tasks(task_vectors))
     scale = GlobalScale(float(lam.sum())) if learn_scale else None
     spec = _spec("smear", init=_json_init(init, lam), expert_dropout=expert_dropout, learn_scale=learn_scale,

@@ -9,6 +9,9 @@ A router maps a block's MLP input ``x [B, T, d]`` (tokens after ``ln_2``) to one
 - :class:`SMEARRouter` (Muqeeth et al., TMLR 2024): ``p = softmax(W LN(mean_t x) + b)`` with expert dropout in
   training, optionally times a learned global scale ``s`` (init ``0.3·K``: uniform routing is task arithmetic).
 
+A router computes in its own parameters' dtype (float32 as built): tokens of a bfloat16 or float64 model are cast to
+it, and the routed linears cast ``r`` back to the tokens' dtype.
+
 Per-sample merge without a Python loop (:func:`routed_linear`). A linear layer is linear in its weights, so
 ``x W(x)ᵀ = x W_0ᵀ + Σ_k r_k(x) (x τ_kᵀ)`` exactly; the MLP's activation sits between two such layers, never inside
 a sum of expert outputs. Two equal forms (tested against each other and a per-sample loop):
@@ -88,7 +91,7 @@ class WEMoERouter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.depth == 0:
             return self.constant[None].expand(x.shape[0], -1)
-        return self.net(x).mean(1)
+        return self.net(x.to(self.net[0].weight.dtype)).mean(1)
 
 
 class GlobalScale(nn.Module):
@@ -133,7 +136,7 @@ class SMEARRouter(nn.Module):
 
     def probabilities(self, x: Tensor) -> Tensor:
         """``softmax`` routing weights ``[B, K]`` (expert dropout applied in training)."""
-        p = self.linear(self.norm(x.mean(1))).softmax(-1)
+        p = self.linear(self.norm(x.to(self.linear.weight.dtype).mean(1))).softmax(-1)
         return expert_dropout(p, self.dropout) if self.training else p
 
     def forward(self, x: Tensor) -> Tensor:

@@ -49,6 +49,9 @@ class Backbone(Protocol):
     encoder: nn.Module
     heads: Heads
     manifest: dict
+    mlp_pattern: str | None  # regex of the encoder's transformer-MLP module paths (routed methods' default); None:
+    # the pool declares none (fusion.param.routed.MLP_PATTERN, open_clip's and HF CLIP's, applies)
+    exporter: Any  # (merged encoder state, directory) -> {name: directory written} (export_model=true), or None
 
     @property
     def tasks(self) -> list[str]: ...
@@ -76,8 +79,9 @@ class Backbone(Protocol):
         """A hash of the weights (for caches of measured results)."""
 
 
-POOL_MEMBERS: Sequence[str] = ("name", "encoder", "heads", "manifest", "tasks", "candidates", "pool_hash", "to",
-                               "task_vectors", "pretrained_state", "expert_state", "expert_encoder", "content_key")
+POOL_MEMBERS: Sequence[str] = ("name", "encoder", "heads", "manifest", "mlp_pattern", "exporter", "tasks",
+                               "candidates", "pool_hash", "to", "task_vectors", "pretrained_state", "expert_state",
+                               "expert_encoder", "content_key")
 HEADS_MEMBERS: Sequence[str] = ("tasks", "__call__", "num_classes", "to")
 
 

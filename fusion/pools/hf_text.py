@@ -20,7 +20,8 @@ behave like a plain ``nn.Linear`` network to the merges:
 
 * GPT-2's ``Conv1D`` layers (``y = x W + b`` with ``W: [in, out]``) are replaced by equal ``nn.Linear`` layers
   (``W: [out, in]``), so 2-D weights are ``[out, in]`` as every merge assumes, RegMean's Gram hooks see their inputs
-  and WEMoE's routed MLP finds ``mlp.c_fc``/``mlp.c_proj`` as linears;
+  and the routed methods (WEMoE, SMEAR) find the linears of each block's MLP (the adapter's ``mlp`` pattern, which
+  the pool declares as its ``mlp_pattern``);
 * dropout is switched off (p = 0) in the backbone and the heads: a merge is evaluated and trained deterministically.
 """
 from __future__ import annotations
@@ -47,10 +48,13 @@ class TextAdapter:
     """How one ``model_type`` classifies: ``head`` is the attribute of its ``*ForSequenceClassification`` holding
     the classifier; ``pooling`` the features the head reads: ``last_token`` (hidden state at the last attended
     token: GPT-2's ``score``), ``first_token`` (at position 0, ``<s>``/``[CLS]``: RoBERTa's classification head,
-    which is called on ``[B, 1, D]``), ``pooler`` (BERT's pooler output)."""
+    which is called on ``[B, 1, D]``), ``pooler`` (BERT's pooler output). ``mlp``: the regex of the encoder's
+    transformer-MLP module paths (the pool's ``mlp_pattern``, what WEMoE/SMEAR route); ``None`` where the MLP is not
+    one module (BERT/RoBERTa: ``intermediate.dense`` and ``output.dense`` around the residual LayerNorm)."""
 
     head: str
     pooling: str
+    mlp: str | None
     positions: str = "max_position_embeddings"  # the config field bounding the sequence length
     position_offset: int = 0  # positions the model reserves (RoBERTa's start after padding_idx: 2)
 
@@ -60,9 +64,9 @@ class TextAdapter:
 
 
 ADAPTERS: dict[str, TextAdapter] = {
-    "gpt2": TextAdapter("score", "last_token", positions="n_positions"),
-    "roberta": TextAdapter("classifier", "first_token", position_offset=2),
-    "bert": TextAdapter("classifier", "pooler"),
+    "gpt2": TextAdapter("score", "last_token", r"(^|\.)h\.\d+\.mlp$", positions="n_positions"),
+    "roberta": TextAdapter("classifier", "first_token", None, position_offset=2),
+    "bert": TextAdapter("classifier", "pooler", None),
 }
 
 
@@ -247,5 +251,5 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
     manifest["files"] = {"base": _stat(str(base_dir)), **{t: _stat(s) for t, s in sources.items()}}  # content_key
     exporter = functools.partial(export_sequence_classifiers, experts=sources, load=checkpoint_classifier)
     return ModelPool(name, encoder, states, ClassifierHeads(heads, labels, adapter.pooling == "first_token"),
-                     manifest, sources, None, exporter=exporter)
+                     manifest, sources, None, mlp_pattern=adapter.mlp, exporter=exporter)
 
