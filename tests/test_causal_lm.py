@@ -451,3 +451,16 @@ def test_supervised_adamerging_trains_on_completion_tokens_of_the_labeled_val_sp
     assert set(res["per_task"]) == set(TASKS) and res["modelpool"] == "hf_causal_lm"
     assert res["per_task"] != res["reference"]["pretrained"]["per_task"]
     assert "cross_entropy" in res["protocol"] and "val" in res["protocol"]
+
+
+def test_an_undeclared_model_type_is_one_message_naming_the_supported_ones(tmp_path):
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    from fusion.pools.hf_causal_lm import hf_causal_lm_pool
+
+    config = GPTNeoConfig(vocab_size=32, max_position_embeddings=16, hidden_size=8, num_layers=1, num_heads=2,
+                          attention_types=[[["global"], 1]])
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "neo"))
+    with pytest.raises(ConfigError, match=r"neo: model_type='gpt_neo' has no causal-LM adapter; supported: \['gpt2', "
+                                          r"'llama', .*declare one: fusion.pools.hf_causal_lm.CAUSAL_ADAPTERS"):
+        hf_causal_lm_pool(str(tmp_path / "neo"), {"echo": str(tmp_path / "neo")})

@@ -160,17 +160,7 @@ class HFTaskPool:
 
     def _split(self, task: str, split: str):
         """The HF dataset of one split, opened on first use and validated against the spec."""
-        if split not in SPLITS:
-            raise KeyError(f"split must be one of {SPLITS}, got '{split}'")
-        if (task, split) not in self._opened:
-            spec = self._spec(task)
-            if split != "test" and spec.splits.get("val") is None:  # train and val both come from the carve
-                train, val = carve(open_split(spec, "train", self.cache_dir), spec.val_fraction, spec.seed)
-                self._opened[(task, "train")], self._opened[(task, "val")] = train, val
-            else:
-                self._opened[(task, split)] = open_split(spec, split, self.cache_dir)
-            validate(self._opened[(task, split)], spec)
-        return self._opened[(task, split)]
+        return opened_split(self._opened, task, split, self._spec, self.cache_dir, validate)
 
 
 def clean_classname(name: str) -> str:
@@ -197,6 +187,24 @@ def validate(data, spec: HFTaskSpec) -> None:
         raise DatasetSpecError(f"task '{spec.task}': {len(spec.classnames)} class names given, but the label "
                                f"feature of {spec.source} has num_classes={num_classes}; fix "
                                f"`overrides.{spec.task}.classnames` (or set it to null to use the dataset's names)")
+
+
+def opened_split(opened: dict, task: str, split: str, spec_of: Callable, cache_dir: str | None,
+                 validate: Callable) -> Any:
+    """The HF dataset of ``split`` of ``task``, opened on first use into ``opened`` (keyed ``(task, split)``) and
+    checked by ``validate(data, spec)``; a task without a val split gets train and val carved together. ``spec_of``:
+    ``task -> spec`` (the pool's, which names the pool's tasks when one is missing)."""
+    if split not in SPLITS:
+        raise KeyError(f"split must be one of {SPLITS}, got '{split}'")
+    if (task, split) not in opened:
+        spec = spec_of(task)
+        if split != "test" and spec.splits.get("val") is None:  # train and val both come from the carve
+            train, val = carve(open_split(spec, "train", cache_dir), spec.val_fraction, spec.seed)
+            opened[(task, "train")], opened[(task, "val")] = train, val
+        else:
+            opened[(task, split)] = open_split(spec, split, cache_dir)
+        validate(opened[(task, split)], spec)
+    return opened[(task, split)]
 
 
 def open_split(spec: HFTaskSpec, split: str, cache_dir: str | None = None):

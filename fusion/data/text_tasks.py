@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from fusion.data.cache import default_cache_dir
-from fusion.data.hf_tasks import DatasetSpecError, carve, open_split, task_specs
-from fusion.data.taskpool import SPLITS, EmptyDatasetError
+from fusion.data.hf_tasks import DatasetSpecError, opened_split, task_specs
+from fusion.data.taskpool import EmptyDatasetError
 from fusion.errors import ConfigError
 from fusion.pools.hf_text import pack_inputs
 from fusion.utils import atomic_save_safetensors, read_safetensors, sha256_json
@@ -294,17 +294,7 @@ class TextTaskPool:
 
     def _split(self, task: str, split: str):
         """The HF dataset of one split, opened on first use (train and a missing val carved together)."""
-        if split not in SPLITS:
-            raise KeyError(f"split must be one of {SPLITS}, got '{split}'")
-        if (task, split) not in self._opened:
-            spec = self._spec(task)
-            if split != "test" and spec.splits.get("val") is None:
-                train, val = carve(open_split(spec, "train", self.cache_dir), spec.val_fraction, spec.seed)
-                self._opened[(task, "train")], self._opened[(task, "val")] = train, val
-            else:
-                self._opened[(task, split)] = open_split(spec, split, self.cache_dir)
-            validate_text(self._opened[(task, split)], spec)
-        return self._opened[(task, split)]
+        return opened_split(self._opened, task, split, self._spec, self.cache_dir, validate_text)
 
 
 def text_taskpool(tasks: Sequence[str], tokenizer: str, max_length: int = 128,

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError, StateDict
 from fusion.pools.hf_checkpoint import HFCheckpoint, resolve_checkpoint
-from fusion.pools.hf_text import check_body, linear_from_conv1d, no_dropout
+from fusion.pools.hf_text import check_body, declared_adapter, linear_from_conv1d, no_dropout
 from fusion.pools.pool import ModelPool, _stat
 from fusion.pools.tied import tied_aliases
 from fusion.report.hf_export import export_whole_model
@@ -62,15 +62,6 @@ CAUSAL_ADAPTERS: dict[str, CausalAdapter] = {
     "qwen3": CausalAdapter(),
     "gpt2": CausalAdapter(r"(^|\.)h\.\d+\.mlp$", "n_positions", ("attn_pdrop", "resid_pdrop", "embd_pdrop"), True),
 }
-
-
-def causal_adapter_for(model_type: str, source: str) -> CausalAdapter:
-    """The declared adapter of ``model_type``, else :class:`ConfigError` naming the supported ones."""
-    if model_type not in CAUSAL_ADAPTERS:
-        raise ConfigError(f"{source}: model_type={model_type!r} has no causal-LM adapter; supported: "
-                          f"{sorted(CAUSAL_ADAPTERS)} (add one to fusion.pools.hf_causal_lm.CAUSAL_ADAPTERS: its MLP "
-                          "path pattern, position field and dropout fields)")
-    return CAUSAL_ADAPTERS[model_type]
 
 
 def _drop_aliases(module: "CausalLMEncoder", state: dict, prefix: str, local_metadata) -> None:
@@ -223,7 +214,8 @@ def hf_causal_lm_pool(base: str, experts: Mapping[str, str], name: str = "hf_cau
         raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
     base_dir = resolve_checkpoint(base)
     kind = model_type(base_dir)
-    adapter = causal_adapter_for(kind, str(base_dir))
+    adapter = declared_adapter(CAUSAL_ADAPTERS, kind, str(base_dir), "causal-LM", "fusion.pools.hf_causal_lm."
+                               "CAUSAL_ADAPTERS, its MLP pattern, position field and dropout fields")
     model, conv1d = load_causal_lm(base_dir, adapter)
     encoder = CausalLMEncoder(model, int(model.config.to_dict()[adapter.positions]), conv1d)
     states, sources = expert_states(experts, order, encoder, base_dir, adapter)

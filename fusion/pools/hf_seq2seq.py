@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError
 from fusion.pools.hf_checkpoint import resolve_checkpoint
-from fusion.pools.hf_text import check_body
+from fusion.pools.hf_text import check_body, declared_adapter
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
 from fusion.pools.tied import tied_aliases, untied_state
@@ -76,12 +76,9 @@ GLUE_LABEL_WORDS: dict[str, tuple[str, ...]] = {
 
 
 def seq2seq_adapter(model_type: str, source: str) -> Seq2SeqAdapter:
-    """The declared adapter of ``model_type``, else :class:`ConfigError` naming the supported ones."""
-    if model_type not in SEQ2SEQ_ADAPTERS:
-        raise ConfigError(f"{source}: model_type={model_type!r} has no text-to-text adapter; supported: "
-                          f"{sorted(SEQ2SEQ_ADAPTERS)} (add one to fusion.pools.hf_seq2seq.SEQ2SEQ_ADAPTERS: its "
-                          "dropout config fields and MLP module pattern)")
-    return SEQ2SEQ_ADAPTERS[model_type]
+    """The declared adapter of ``model_type`` (:func:`fusion.pools.hf_text.declared_adapter`)."""
+    return declared_adapter(SEQ2SEQ_ADAPTERS, model_type, source, "text-to-text",
+                            "fusion.pools.hf_seq2seq.SEQ2SEQ_ADAPTERS, its dropout config fields and MLP pattern")
 
 
 class FirstStepScorer(nn.Module):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -70,13 +71,13 @@ ADAPTERS: dict[str, TextAdapter] = {
 }
 
 
-def adapter_for(model_type: str, source: str) -> TextAdapter:
-    """The declared adapter of ``model_type``, else :class:`ConfigError` naming the supported ones."""
-    if model_type not in ADAPTERS:
-        raise ConfigError(f"{source}: model_type={model_type!r} has no sequence-classification adapter; supported: "
-                          f"{sorted(ADAPTERS)} (add one to fusion.pools.hf_text.ADAPTERS: its head attribute and "
-                          "pooling)")
-    return ADAPTERS[model_type]
+def declared_adapter(table: Mapping[str, Any], model_type: str, source: str, kind: str, fields: str) -> Any:
+    """``table[model_type]`` (a module's declared per-``model_type`` facts), else one :class:`ConfigError` naming
+    the supported model types and what a new entry declares."""
+    if model_type not in table:
+        raise ConfigError(f"{source}: model_type={model_type!r} has no {kind} adapter; supported: {sorted(table)} "
+                          f"(declare one: {fields})")
+    return table[model_type]
 
 
 def pack_inputs(input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
@@ -229,7 +230,8 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
         raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
     base_dir = resolve_checkpoint(base)
     first = load_classifier(resolve_checkpoint(experts[order[0]]))
-    adapter = adapter_for(first.config.model_type, str(base_dir))
+    adapter = declared_adapter(ADAPTERS, first.config.model_type, str(base_dir), "sequence-classification",
+                               "fusion.pools.hf_text.ADAPTERS, its head attribute, pooling and MLP pattern")
     pretrained = load_classifier(base_dir)
     if pretrained.config.model_type != first.config.model_type:
         raise PoolMismatchError(f"base {base_dir} is model_type={pretrained.config.model_type!r} but expert "
