@@ -34,7 +34,7 @@ def test_static_baselines_run_end_to_end(tiny_dirs, tmp_path, method):
         orders = res["method_info"]["orders"]
         assert len(orders) == 3 and res["method_info"]["std_over_orders"] >= 0
     if method in {"fisher_merging", "regmean"}:
-        assert res["method_info"]["num_samples_per_task"] == 16 and "16 unlabeled train images" in res["protocol"]
+        assert res["method_info"]["num_samples_per_task"] == 16 and "16 unlabeled train inputs" in res["protocol"]
 
 
 def test_postprocess_composition_equals_functions_by_hand(tiny_pool, tiny_taskpool, tmp_path):

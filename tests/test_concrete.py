@@ -315,7 +315,7 @@ def test_concrete_adamerging_end_to_end(tiny_dirs, tiny_pool, tiny_taskpool, tmp
                   "method.phase2.steps=2", "method.data.batch_size=4")
     assert res["method"] == "concrete_adamerging_layer_wise"
     assert res["protocol"].startswith("Concrete mask meta-learned for 2 bi-level steps, then AdaMerging over the "
-                                      "masked task vectors for 2 steps; entropy minimisation on unlabeled test images")
+                                      "masked task vectors for 2 steps; entropy minimisation on unlabeled test inputs")
     info = res["method_info"]
     assert info["mask"]["eval_mask"] == "continuous" and info["meta"]["steps"] == 2 and info["steps"] == 2
     assert info["meta"]["persistent_inner_optimizer"] is False and "mask_expected_kept" in info["meta"]

@@ -98,7 +98,7 @@ class FisherMerge:
                                    normalize=self.normalize)
         info = {"num_samples_per_task": self.num_samples, "floor": self.floor, "normalize": self.normalize}
         return MergeOutcome(merged_encoder(pool, delta), info,
-                            f"Fisher merging: diagonal Fisher from {self.num_samples} unlabeled train images per task")
+                            f"Fisher merging: diagonal Fisher from {self.num_samples} unlabeled train inputs per task")
 
 
 class RegMeanMerge:
@@ -120,7 +120,7 @@ class RegMeanMerge:
         delta = regmean_delta(pool.pretrained_state(), experts, grams, self.alpha)
         info = {"num_samples_per_task": self.num_samples, "alpha": self.alpha, "regmean_layers": sorted(grams[0])}
         return MergeOutcome(merged_encoder(pool, delta), info,
-                            f"RegMean: Gram matrices from {self.num_samples} unlabeled train images per task")
+                            f"RegMean: Gram matrices from {self.num_samples} unlabeled train inputs per task")
 
 
 def _lazy_batches(taskpool, task: str, num_samples: int, batch_size: int, seed: int,
@@ -154,7 +154,7 @@ class RegMeanPlusPlusMerge:
         delta = {n: merged[n] - t for n, t in pool.pretrained_state().items() if t.is_floating_point()}
         info = {"num_samples_per_task": self.num_samples, "alpha": self.alpha, "regmean_layers": sorted(grams[0])}
         return MergeOutcome(merged_encoder(pool, delta), info,
-                            f"RegMean++: Gram matrices from {self.num_samples} unlabeled train images per task, "
+                            f"RegMean++: Gram matrices from {self.num_samples} unlabeled train inputs per task, "
                             "propagated through the merged earlier blocks")
 
 
@@ -195,5 +195,5 @@ class MaTSMerge:
         info = {**outcome.info, "curvature": self.curvature, "num_samples_per_task": self.num_samples}
         tuned = "; hyperparameters tuned on the labeled val split" if info["tuning"] else ""
         return MergeOutcome(outcome.encoder, info,
-                            f"MaTS: {self.curvature} curvature from {self.num_samples} unlabeled train images per "
+                            f"MaTS: {self.curvature} curvature from {self.num_samples} unlabeled train inputs per "
                             f"task, conjugate gradient from task arithmetic{tuned}")

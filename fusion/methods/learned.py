@@ -90,7 +90,7 @@ def protocol(objective: Objective, split: str, labeled: bool) -> str:
     if labeled:
         return f"{objective.name} on the labeled {split} split"
     transductive = " (test-time adaptation: transductive, adapts on the evaluation split)" if split == "test" else ""
-    return f"{objective.name} minimisation on unlabeled {split} images{transductive}"
+    return f"{objective.name} minimisation on unlabeled {split} inputs{transductive}"
 
 
 class LearnedMerge:

@@ -134,7 +134,7 @@ class EvolutionarySearch:
         if split == "test":
             raise ConfigError("method.split='test' would search on test labels; use the validation split ('val')")
         if int(subset_size) != subset_size or subset_size < 1:
-            raise ConfigError(f"method.subset_size is the val images per task in the fitness, an integer >= 1, "
+            raise ConfigError(f"method.subset_size is the val inputs per task in the fitness, an integer >= 1, "
                               f"got {subset_size!r} (e.g. 32)")
         check_search(2, evaluations, popsize, sigma0, bounds)
         self.name, self.layer_wise, self.evaluations, self.popsize = name, layer_wise, int(evaluations), popsize
@@ -156,7 +156,7 @@ class EvolutionarySearch:
         estimate = [self.reliability(name, x, fit, pool, taskpool, tv, shape, fitness, ctx) for name, x, fit in
                     (("best", result.best, result.best_fitness), ("final_mean", result.final_mean, None),
                      ("init", x0, None))]
-        record = {"on": f"{self.subset_size} seeded random {self.split} images per task (fitness); full {self.split} "
+        record = {"on": f"{self.subset_size} seeded random {self.split} inputs per task (fitness); full {self.split} "
                         "split (estimate check)",
                   "evaluations": result.evaluations, "budget": self.evaluations, "generations": result.generations,
                   "dimension": int(np.prod(shape)), "popsize": self.popsize, "sigma0": self.sigma0,

@@ -37,7 +37,7 @@ def split_batch(batch: Batch) -> tuple[dict, dict]:
     for task, (images, labels) in batch.items():
         if len(images) < 2:
             raise ValueError(f"bi-level training splits each task's batch into an inner and an outer half, but "
-                             f"task '{task}' has {len(images)} image(s)")
+                             f"task '{task}' has {len(images)} example(s)")
         h = len(images) // 2
         inner[task] = (images[:h], None if labels is None else labels[:h])
         outer[task] = (images[h:], None if labels is None else labels[h:])

@@ -45,7 +45,7 @@ class MultiTaskStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, tuple[Tensor, Tensor | None]]]:
         rank, world = rank_and_world()
         if self.batch_size % world:
-            raise ConfigError(f"each step's batch of {self.batch_size} images per task (method.data.batch_size × the "
+            raise ConfigError(f"each step's batch of {self.batch_size} examples per task (method.data.batch_size × the "
                               f"loop's batches per step) must be divisible by the number of ranks ({world})")
         per_rank = self.batch_size // world
         device = rank_device(self.device)
