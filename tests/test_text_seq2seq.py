@@ -303,3 +303,25 @@ def test_regmean_plusplus_refuses_an_encoder_decoder_naming_its_stacks(t5_root):
     with pytest.raises(HyperparameterError, match=r"2 stacks \['model.encoder.block', 'model.decoder.block'\].*"
                                                   r"use method=regmean"):
         find_blocks(pool.encoder)
+
+
+def test_a_lora_expert_equals_peft_merge_and_unload(t5_root, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM
+
+    from fusion.pools.hf_seq2seq import hf_seq2seq_pool
+
+    dirs = t5_root["untied"]
+    torch.manual_seed(3)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v", "wo"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(str(dirs["base"])), config)
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    want = peft_model.merge_and_unload().state_dict()
+    pool = hf_seq2seq_pool(str(dirs["base"]), {"sst2": str(tmp_path / "lora"), "mnli": str(dirs["mnli"])})
+    got = pool.experts["sst2"]
+    assert set(got) == set(pool.pretrained_state())
+    for key, value in got.items():
+        assert torch.allclose(value, want[key.removeprefix("model.")], atol=1e-6), key
+    moved = {k for k, v in pool.task_vectors().items() if bool(v[0].abs().max() > 0)}
+    assert moved and all(k.endswith((".q.weight", ".v.weight", ".wo.weight")) for k in moved)
+

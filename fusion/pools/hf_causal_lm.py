@@ -156,30 +156,11 @@ def model_type(directory: Path) -> str:
     return AutoConfig.from_pretrained(str(directory)).model_type
 
 
-def lora_state(reference: Mapping[str, Tensor], directory: Path, base: HFCheckpoint,
-               conv1d: Sequence[str]) -> StateDict:
-    """``θ_0 + s·B A`` on each target module of the peft LoRA adapter in ``directory`` (checked against ``base``),
-    ``θ_0`` elsewhere; keys are the encoder's (``model.`` + the HF model's), ``Conv1D`` targets transposed."""
-    from fusion.pools.lora_adapter import LoRAExpert
-
-    expert = LoRAExpert(directory)
-    expert.check_against(base)
-    state = {k: v.detach().clone() for k, v in reference.items()}
-    for weight in expert.by_weight:
-        key = f"model.{weight}"
-        if key not in state:
-            raise PoolMismatchError(f"LoRA adapter {directory}: '{weight}' is not a parameter of the encoder (a tied "
-                                    "LM head shares the input embedding; target the embedding, or untie them)")
-        delta = expert.task_vector(weight, state[key])
-        state[key] = state[key] + (delta.T if weight.rpartition(".")[0] in conv1d else delta).to(state[key].dtype)
-    return state
-
-
 def expert_states(experts: Mapping[str, str], order: Sequence[str], encoder: CausalLMEncoder, base_dir: Path,
                   adapter: CausalAdapter) -> tuple[dict[str, StateDict], dict[str, str]]:
     """``({task: encoder state}, {task: source})``: each full fine-tune loaded and checked against the base (keys,
     shapes: a vocabulary mismatch names the key, both shapes and the fix), each LoRA adapter applied to it."""
-    from fusion.pools.lora_adapter import ADAPTER_CONFIG
+    from fusion.pools.lora_adapter import ADAPTER_CONFIG, lora_state
 
     reference, base_type = encoder.state_dict(), model_type(base_dir)
     states, sources = {}, {}
@@ -187,7 +168,7 @@ def expert_states(experts: Mapping[str, str], order: Sequence[str], encoder: Cau
         directory = resolve_checkpoint(experts[task])
         sources[task] = str(directory)
         if (directory / ADAPTER_CONFIG).is_file():
-            states[task] = lora_state(reference, directory, HFCheckpoint(base_dir), encoder.conv1d)
+            states[task] = lora_state(reference, directory, HFCheckpoint(base_dir), "model.", encoder.conv1d)
             continue
         if model_type(directory) != base_type:
             raise PoolMismatchError(f"expert {directory} is model_type={model_type(directory)!r} but the base "

@@ -4,7 +4,7 @@ words. The WHOLE model is merged (shared embedding, encoder, decoder, LM head), 
 Built from HF checkpoint directories (or Hub ids, :func:`resolve_checkpoint`)::
 
     base:        the pretrained ``T5ForConditionalGeneration`` (e.g. google/flan-t5-base)
-    experts:     {task: a fine-tune of the base, same class and vocabulary}
+    experts:     {task: a fine-tune of the base (same class and vocabulary) or a peft LoRA adapter of it}
     label_words: {task: [the word answering each class, in label order]} (GLUE tasks default to FusionBench's)
 
 :class:`FirstStepScorer` (the pool's encoder) maps packed tokens ``x: [B, 2, T]`` (ids, attention mask: what
@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError
-from fusion.pools.hf_checkpoint import resolve_checkpoint
+from fusion.pools.hf_checkpoint import HFCheckpoint, resolve_checkpoint
 from fusion.pools.hf_text import check_body, declared_adapter
+from fusion.pools.lora_adapter import ADAPTER_CONFIG, lora_state
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
 from fusion.pools.tied import tied_aliases, untied_state
@@ -203,7 +204,7 @@ def hf_seq2seq_pool(base: str, experts: Mapping[str, str], label_words: Mapping[
 
     Args:
         base: checkpoint directory (or Hub id) of the pretrained model; its tokenizer reads the label words.
-        experts: ``{task: checkpoint directory or Hub id}`` of fine-tunes of ``base``.
+        experts: ``{task: checkpoint directory, peft LoRA adapter directory or Hub id}`` of fine-tunes of ``base``.
         label_words: ``{task: [word per class, in label order]}`` over :data:`GLUE_LABEL_WORDS`.
         tasks: a subset of ``experts`` (in that order); ``None`` keeps all.
     """
@@ -225,6 +226,11 @@ def hf_seq2seq_pool(base: str, experts: Mapping[str, str], label_words: Mapping[
     states, sources = {}, {}
     for task in order:
         directory = resolve_checkpoint(experts[task])
+        sources[task] = str(directory)
+        if (directory / ADAPTER_CONFIG).is_file():  # a peft LoRA adapter: θ0 + s·B A on its target modules
+            states[task] = lora_state({f"model.{k}": v for k, v in reference.items()}, directory,
+                                      HFCheckpoint(base_dir), "model.")
+            continue
         model = load_seq2seq(directory)
         if model.config.model_type != pretrained.config.model_type:
             raise PoolMismatchError(f"base {base_dir} is model_type={pretrained.config.model_type!r} but expert "
@@ -234,7 +240,6 @@ def hf_seq2seq_pool(base: str, experts: Mapping[str, str], label_words: Mapping[
         state = untied_state(model)
         check_body(reference, state, str(directory), str(base_dir))
         states[task] = {f"model.{k}": v for k, v in state.items()}  # the keys of FirstStepScorer
-        sources[task] = str(directory)
     manifest = {"name": name, "kind": "hf_seq2seq", "model_type": pretrained.config.model_type, "base": str(base_dir),
                 "experts": sources, "tasks": order, "label_words": words, "label_ids": ids}
     manifest["pool_hash"] = sha256_json(manifest)[:16]

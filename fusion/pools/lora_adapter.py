@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -117,3 +118,22 @@ class LoRAExpert:
             return torch.zeros(theta0.shape, dtype=torch.float32)
         a, b = self.modules[module]
         return lora_delta(a, b, self.scaling(module), bool(self.config.get("fan_in_fan_out")))
+
+
+def lora_state(reference: Mapping[str, Tensor], directory: Path, base: HFCheckpoint, prefix: str,
+               conv1d: Sequence[str] = ()) -> dict[str, Tensor]:
+    """An in-memory pool's expert state from the peft LoRA adapter in ``directory`` (checked against ``base``):
+    ``θ_0 + s·B A`` on each target module, ``θ_0`` elsewhere. ``reference``: θ0 keyed ``prefix`` + the HF model's
+    names; ``conv1d``: the modules the pool made ``nn.Linear`` from ``Conv1D`` (their ``B A`` is transposed)."""
+    expert = LoRAExpert(directory)
+    expert.check_against(base)
+    state = {k: v.detach().clone() for k, v in reference.items()}
+    for weight in expert.by_weight:
+        key = prefix + weight
+        if key not in state:
+            raise PoolMismatchError(f"LoRA adapter {directory}: '{weight}' is not a parameter of the pool's model (a "
+                                    "tied weight is one tensor under its first name, e.g. the input embedding for a "
+                                    "tied LM head: target that one, or untie them)")
+        delta = expert.task_vector(weight, state[key])
+        state[key] = state[key] + (delta.T if weight.rpartition(".")[0] in conv1d else delta).to(state[key].dtype)
+    return state
