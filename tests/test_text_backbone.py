@@ -297,3 +297,40 @@ def test_routed_methods_refuse_roberta_clearly(text_root, tmp_path):
     failed = cli(text_root, "roberta", ["wemoe"], tmp_path / "roberta_wemoe")
     assert failed.returncode != 0
     assert "no transformer MLP blocks found" in failed.stderr and "BERT/RoBERTa" in failed.stderr
+
+
+@pytest.mark.parametrize("kind, targets", [("gpt2", ["c_attn", "c_fc"]), ("roberta", ["query", "value", "dense"])])
+def test_a_lora_classifier_expert_equals_peft_merge_and_unload(text_root, kind, targets, tmp_path):
+    """A peft SEQ_CLS adapter: backbone θ0 + s·B A (GPT-2's Conv1D: fan_in_fan_out), its head saved whole."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from fusion.pools.hf_text import hf_text_pool
+
+    dirs = text_root[kind]
+    torch.manual_seed(5)
+    base = AutoModelForSequenceClassification.from_pretrained(str(dirs["base"]), num_labels=3,
+                                                              ignore_mismatched_sizes=True)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=targets,
+                        init_lora_weights=False)
+    peft_model = get_peft_model(base, config)
+    head = peft_model.base_model.model.score if kind == "gpt2" else peft_model.base_model.model.classifier
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()  # a trained head, not the base's
+    peft_model.save_pretrained(str(tmp_path / "lora"))
+    merged = peft_model.merge_and_unload().eval()
+    pool = hf_text_pool(str(dirs["base"]), {"mnli": str(tmp_path / "lora"), "sst2": str(dirs["sst2"])})
+    assert pool.heads.num_classes("mnli") == 3 and pool.sources["mnli"] == str(tmp_path / "lora")
+    x, _ = make_taskpool(text_root, kind).dataset("mnli", "test").batch(torch.arange(8))
+    with torch.no_grad():
+        want = merged(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+        got = pool.heads(pool.expert_encoder("mnli")(x), "mnli")
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    moved = {n for n, t in pool.task_vectors().items() if bool(t[0].abs().max() > 0)}
+    assert moved and all(any(f".{m}." in n for m in targets) for n in moved)
+    bare = LoraConfig(r=2, target_modules=targets, init_lora_weights=False)  # no task_type: no head saved
+    get_peft_model(AutoModelForSequenceClassification.from_pretrained(str(dirs["base"])), bare).save_pretrained(
+        str(tmp_path / "bare"))
+    with pytest.raises(ConfigError, match=r"bare saves no '(score|classifier)' head.*task_type='SEQ_CLS'"):
+        hf_text_pool(str(dirs["base"]), {"mnli": str(tmp_path / "bare")})

@@ -160,7 +160,7 @@ def expert_states(experts: Mapping[str, str], order: Sequence[str], encoder: Cau
                   adapter: CausalAdapter) -> tuple[dict[str, StateDict], dict[str, str]]:
     """``({task: encoder state}, {task: source})``: each full fine-tune loaded and checked against the base (keys,
     shapes: a vocabulary mismatch names the key, both shapes and the fix), each LoRA adapter applied to it."""
-    from fusion.pools.lora_adapter import ADAPTER_CONFIG, lora_state
+    from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert, lora_state
 
     reference, base_type = encoder.state_dict(), model_type(base_dir)
     states, sources = {}, {}
@@ -168,7 +168,8 @@ def expert_states(experts: Mapping[str, str], order: Sequence[str], encoder: Cau
         directory = resolve_checkpoint(experts[task])
         sources[task] = str(directory)
         if (directory / ADAPTER_CONFIG).is_file():
-            states[task] = lora_state(reference, directory, HFCheckpoint(base_dir), "model.", encoder.conv1d)
+            states[task] = lora_state(reference, LoRAExpert(directory), HFCheckpoint(base_dir), "model.{}".format,
+                                      encoder.conv1d)
             continue
         if model_type(directory) != base_type:
             raise PoolMismatchError(f"expert {directory} is model_type={model_type(directory)!r} but the base "

@@ -41,7 +41,7 @@ from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError
 from fusion.pools.hf_checkpoint import HFCheckpoint, resolve_checkpoint
 from fusion.pools.hf_text import check_body, declared_adapter
-from fusion.pools.lora_adapter import ADAPTER_CONFIG, lora_state
+from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert, lora_state
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
 from fusion.pools.tied import tied_aliases, untied_state
@@ -228,8 +228,8 @@ def hf_seq2seq_pool(base: str, experts: Mapping[str, str], label_words: Mapping[
         directory = resolve_checkpoint(experts[task])
         sources[task] = str(directory)
         if (directory / ADAPTER_CONFIG).is_file():  # a peft LoRA adapter: θ0 + s·B A on its target modules
-            states[task] = lora_state({f"model.{k}": v for k, v in reference.items()}, directory,
-                                      HFCheckpoint(base_dir), "model.")
+            states[task] = lora_state({f"model.{k}": v for k, v in reference.items()}, LoRAExpert(directory),
+                                      HFCheckpoint(base_dir), "model.{}".format)
             continue
         model = load_seq2seq(directory)
         if model.config.model_type != pretrained.config.model_type:

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError
-from fusion.pools.hf_checkpoint import _shape_fix, resolve_checkpoint
+from fusion.pools.hf_checkpoint import HFCheckpoint, _shape_fix, resolve_checkpoint
+from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert, lora_state
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
 from fusion.report.hf_export import export_sequence_classifiers
@@ -174,13 +175,15 @@ def no_dropout(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_classifier(directory: Path) -> nn.Module:
+def load_classifier(directory: Path, num_labels: int | None = None) -> nn.Module:
     """``AutoModelForSequenceClassification`` from ``directory`` in float32 eval mode (a base without a
-    classification head gets a random one, never used), without a key/value cache: classification never generates,
-    and a cache object passed from block to block would make replaying a block (RegMean++) stateful."""
+    classification head, or given another ``num_labels``, gets a random one, to be replaced or never used), without
+    a key/value cache: classification never generates, and a cache object passed from block to block would make
+    replaying a block (RegMean++) stateful."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32).eval()
+    labels = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32, **labels).eval()
     model.config.use_cache = False
     return model
 
@@ -197,6 +200,29 @@ def split_model(model: nn.Module, adapter: TextAdapter) -> tuple[SequenceClassif
     body = no_dropout(linear_from_conv1d(model.base_model))
     head = no_dropout(getattr(model, adapter.head))
     return SequenceClassifierEncoder(body, adapter.pooling, adapter.max_tokens(model.config)), head
+
+
+def lora_classifier(directory: Path, base_dir: Path, reference: Mapping[str, Tensor],
+                    adapter: TextAdapter) -> tuple[dict[str, Tensor], nn.Module, int]:
+    """``(backbone state, head, number of labels)`` of a peft LoRA sequence-classification adapter: the base's
+    backbone + ``s·B A`` on the target modules, and the trained head peft saves whole (``modules_to_save``); the
+    number of labels is the head's smallest output width (GPT-2/BERT: its one matrix; RoBERTa: ``out_proj``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    expert = LoRAExpert(directory, saved_modules=True)
+    head_state = {k[len(adapter.head) + 1:]: v for k, v in expert.saved.items() if k.startswith(f"{adapter.head}.")}
+    if not head_state:
+        raise ConfigError(f"LoRA adapter {directory} saves no '{adapter.head}' head (modules_to_save); a "
+                          "sequence-classification expert needs its trained head: train the adapter with "
+                          f"task_type='SEQ_CLS' (or modules_to_save=['{adapter.head}'])")
+    num_labels = min(v.shape[0] for v in head_state.values() if v.dim() == 2)
+    model = load_classifier(base_dir, num_labels)
+    conv1d = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    _, head = split_model(model, adapter)
+    head.load_state_dict(head_state, strict=True)
+    outer = f"{model.base_model_prefix}."  # LoRA names the full model's modules; the encoder holds its backbone
+    state = lora_state(reference, expert, HFCheckpoint(base_dir), lambda w: "body." + w.removeprefix(outer), conv1d)
+    return state, head, num_labels
 
 
 def check_body(base: Mapping[str, Tensor], expert: Mapping[str, Tensor], source: str, base_source: str) -> None:
@@ -221,7 +247,8 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
 
     Args:
         base: checkpoint directory (or Hub id) of the pretrained model.
-        experts: ``{task: checkpoint directory or Hub id}`` of sequence-classification fine-tunes of ``base``.
+        experts: ``{task: checkpoint directory, peft LoRA adapter directory (task_type SEQ_CLS: its head is saved
+            whole) or Hub id}`` of sequence-classification fine-tunes of ``base``.
         tasks: a subset of ``experts`` (in that order); ``None`` keeps all.
     """
     order = list(tasks) if tasks is not None else list(experts)
@@ -229,25 +256,28 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
     if unknown:
         raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
     base_dir = resolve_checkpoint(base)
-    first = load_classifier(resolve_checkpoint(experts[order[0]]))
-    adapter = declared_adapter(ADAPTERS, first.config.model_type, str(base_dir), "sequence-classification",
-                               "fusion.pools.hf_text.ADAPTERS, its head attribute, pooling and MLP pattern")
     pretrained = load_classifier(base_dir)
-    if pretrained.config.model_type != first.config.model_type:
-        raise PoolMismatchError(f"base {base_dir} is model_type={pretrained.config.model_type!r} but expert "
-                                f"{experts[order[0]]} is {first.config.model_type!r}; every expert must be "
-                                "fine-tuned from the base model")
+    kind = pretrained.config.model_type
+    adapter = declared_adapter(ADAPTERS, kind, str(base_dir), "sequence-classification",
+                               "fusion.pools.hf_text.ADAPTERS, its head attribute, pooling and MLP pattern")
     encoder, _ = split_model(pretrained, adapter)
     reference = encoder.state_dict()
     states, heads, labels, sources = {}, {}, {}, {}
     for task in order:
         directory = resolve_checkpoint(experts[task])
-        model = first if task == order[0] else load_classifier(directory)
-        body, heads[task] = split_model(model, adapter)
-        states[task] = {k: v.detach().clone() for k, v in body.state_dict().items()}
-        check_body(reference, states[task], str(directory), str(base_dir))
-        labels[task], sources[task] = int(model.config.num_labels), str(directory)
-    manifest = {"name": name, "kind": "hf_sequence_classification", "model_type": first.config.model_type,
+        if (directory / ADAPTER_CONFIG).is_file():
+            states[task], heads[task], labels[task] = lora_classifier(directory, base_dir, reference, adapter)
+        else:
+            model = load_classifier(directory)
+            if model.config.model_type != kind:
+                raise PoolMismatchError(f"base {base_dir} is model_type={kind!r} but expert {directory} is "
+                                        f"{model.config.model_type!r}; every expert must be fine-tuned from the base")
+            body, heads[task] = split_model(model, adapter)
+            states[task] = {k: v.detach().clone() for k, v in body.state_dict().items()}
+            check_body(reference, states[task], str(directory), str(base_dir))
+            labels[task] = int(model.config.num_labels)
+        sources[task] = str(directory)
+    manifest = {"name": name, "kind": "hf_sequence_classification", "model_type": kind,
                 "base": str(base_dir), "experts": sources, "tasks": order}
     manifest["pool_hash"] = sha256_json(manifest)[:16]
     manifest["files"] = {"base": _stat(str(base_dir)), **{t: _stat(s) for t, s in sources.items()}}  # content_key

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -66,6 +66,14 @@ def lora_modules(weights: dict[str, Tensor], source: Path) -> dict[str, tuple[Te
     return {m: (p["A"], p["B"]) for m, p in parts.items()}
 
 
+def saved_copies(weights: Mapping[str, Tensor], modules_to_save: Sequence[str] | None) -> list[str]:
+    """The keys of ``weights`` that are peft's full copies of ``modules_to_save`` (not LoRA factors; a module path
+    with a component named in the list, as peft matches them)."""
+    names = set(modules_to_save or ())
+    return [k for k in weights if KEY.match(k) is None and k.startswith(PREFIX)
+            and names & set(k[len(PREFIX):].split(".")[:-1])]
+
+
 class LoRAExpert:
     """A peft LoRA adapter as an expert: ``τ = s·B A`` on each target module's weight, zero elsewhere.
 
@@ -73,7 +81,9 @@ class LoRAExpert:
     when asked for.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, saved_modules: bool = False):
+        """``saved_modules``: also read the full copies peft saves of the config's ``modules_to_save`` (a
+        sequence-classification head) into :attr:`saved`; without it such an adapter is refused."""
         self.directory = Path(directory)
         self.source = str(self.directory)
         self.config = read_adapter_config(self.directory)
@@ -83,7 +93,10 @@ class LoRAExpert:
                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; adapter_model.bin is not read)")
         from safetensors.torch import load_file
 
-        self.modules = lora_modules(load_file(str(weights_file)), weights_file)
+        weights = load_file(str(weights_file))
+        copies = saved_copies(weights, self.config.get("modules_to_save")) if saved_modules else {}
+        self.saved = {key[len(PREFIX):]: weights.pop(key) for key in copies}
+        self.modules = lora_modules(weights, weights_file)
         self.by_weight = {f"{m}.weight": m for m in self.modules}
 
     def scaling(self, module: str) -> float:
@@ -120,18 +133,18 @@ class LoRAExpert:
         return lora_delta(a, b, self.scaling(module), bool(self.config.get("fan_in_fan_out")))
 
 
-def lora_state(reference: Mapping[str, Tensor], directory: Path, base: HFCheckpoint, prefix: str,
+def lora_state(reference: Mapping[str, Tensor], expert: LoRAExpert, base: HFCheckpoint, key_of: Callable[[str], str],
                conv1d: Sequence[str] = ()) -> dict[str, Tensor]:
-    """An in-memory pool's expert state from the peft LoRA adapter in ``directory`` (checked against ``base``):
-    ``θ_0 + s·B A`` on each target module, ``θ_0`` elsewhere. ``reference``: θ0 keyed ``prefix`` + the HF model's
-    names; ``conv1d``: the modules the pool made ``nn.Linear`` from ``Conv1D`` (their ``B A`` is transposed)."""
-    expert = LoRAExpert(directory)
+    """An in-memory pool's expert state from a peft LoRA adapter (checked against ``base``): ``θ_0 + s·B A`` on
+    each target module, ``θ_0`` elsewhere. ``reference``: θ0 with the pool's keys, ``key_of(HF weight name)`` the
+    pool's key of a weight; ``conv1d``: the modules the pool made ``nn.Linear`` from ``Conv1D`` (their ``B A`` is
+    transposed)."""
     expert.check_against(base)
     state = {k: v.detach().clone() for k, v in reference.items()}
     for weight in expert.by_weight:
-        key = prefix + weight
+        key = key_of(weight)
         if key not in state:
-            raise PoolMismatchError(f"LoRA adapter {directory}: '{weight}' is not a parameter of the pool's model (a "
+            raise PoolMismatchError(f"LoRA adapter {expert.source}: '{weight}' is not a parameter of the pool's model (a "
                                     "tied weight is one tensor under its first name, e.g. the input embedding for a "
                                     "tied LM head: target that one, or untie them)")
         delta = expert.task_vector(weight, state[key])
