@@ -347,10 +347,9 @@ def test_the_runner_gives_routed_methods_the_pools_pattern(text_root):
 
 def test_a_pool_must_declare_its_mlp_pattern_even_if_none(text_root):
     pool = make_pool(text_root["gpt2"])
-    fields = {n: getattr(pool, n) for n in ("name", "encoder", "heads", "manifest")}
+    fields = {n: getattr(pool, n) for n in ("name", "encoder", "heads", "manifest", "exporter")}
 
     class NoPattern:  # every member of the contract but mlp_pattern
-        exporter = None
         tasks, candidates, pool_hash = pool.tasks, pool.candidates, pool.pool_hash
         to, task_vectors, pretrained_state = pool.to, pool.task_vectors, pool.pretrained_state
         expert_state, expert_encoder, content_key = pool.expert_state, pool.expert_encoder, pool.content_key
