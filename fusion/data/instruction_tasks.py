@@ -26,17 +26,15 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from fusion.data.cache import default_cache_dir
-from fusion.data.hf_tasks import DatasetSpecError, opened_split, task_specs
+from fusion.data.hf_tasks import DatasetSpecError, task_specs
 from fusion.data.taskpool import EmptyDatasetError
-from fusion.data.text_tasks import (cached_tensors, fill_template, load_tokenizer, template_columns, template_source,
-                                    tokenizer_key)
+from fusion.data.text_tasks import (TokenizedTaskPool, cached_tensors, fill_template, template_columns,
+                                    template_source, tokenizer_key)
 from fusion.errors import ConfigError
 from fusion.pools.causal_inputs import next_token_labels, pack_example
 from fusion.utils import sha256_json
@@ -141,27 +139,14 @@ def validate_instructions(data, spec: InstructionTaskSpec) -> None:
                                    f"are {columns}. Set `taskpool.overrides.{spec.task}.{key}`")
 
 
-class InstructionTaskPool:
+class InstructionTaskPool(TokenizedTaskPool):
     """The task-pool contract (:class:`fusion.data.contract.TaskPool`) over tokenised instruction datasets."""
+
+    validate = staticmethod(validate_instructions)
 
     def __init__(self, specs: Mapping[str, InstructionTaskSpec], tokenizer: str, max_length: int = 512,
                  name: str = "instructions", cache_dir: str | None = None, token_cache: str | None = None):
-        if max_length < 2:
-            raise ConfigError(f"taskpool.max_length must be ≥ 2 tokens, got {max_length}")
-        self.specs, self.tokenizer_name, self.max_length, self.name = dict(specs), tokenizer, int(max_length), name
-        self.cache_dir, self.token_cache = cache_dir, token_cache
-        self._tokenizer = None
-        self._opened: dict[tuple[str, str], Any] = {}
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.specs)
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name)
-        return self._tokenizer
+        super().__init__(specs, tokenizer, max_length, name, cache_dir, token_cache)
 
     def dataset(self, task: str, split: str) -> InstructionDataset:
         """``split`` of ``task`` tokenised (cached on disk, see the module docstring)."""
@@ -169,10 +154,9 @@ class InstructionTaskPool:
         if len(data) == 0:
             raise EmptyDatasetError(f"dataset '{name}' ({spec.source}) is empty; check "
                                     f"`taskpool.overrides.{task}.splits`")
-        cache = Path(self.token_cache).expanduser() if self.token_cache else default_cache_dir() / "tokenized"
         key = sha256_json([FORMAT, data._fingerprint, spec.prompt_template, spec.completion_column,
                            tokenizer_key(self.tokenizer), self.max_length])[:24]
-        path = cache / f"{task}-{key}.safetensors"
+        path = self.token_dir() / f"{task}-{key}.safetensors"
 
         def make() -> dict[str, Tensor]:
             log.info("tokenising %s (%d examples, max_length %d) into %s", name, len(data), self.max_length, path)
@@ -199,13 +183,6 @@ class InstructionTaskPool:
         """The task's prompt template (``"{<prompt_column>}"`` without one)."""
         return (self._spec(task).prompt_template,)
 
-    def select(self, tasks: Sequence[str] | None) -> "InstructionTaskPool":
-        if tasks is None:
-            return self
-        pool = InstructionTaskPool({t: self._spec(t) for t in tasks}, self.tokenizer_name, self.max_length,
-                                   self.name, self.cache_dir, self.token_cache)
-        pool._tokenizer, pool._opened = self._tokenizer, {k: d for k, d in self._opened.items() if k[0] in tasks}
-        return pool
 
     def fingerprint(self) -> str:
         """Hash of every task's test data (fingerprint, columns, template), the tokenizer and ``max_length``."""
@@ -215,14 +192,7 @@ class InstructionTaskPool:
             parts.append([task, self._split(task, "test")._fingerprint, spec.prompt_template, spec.completion_column])
         return sha256_json(parts)[:16]
 
-    def _spec(self, task: str) -> InstructionTaskSpec:
-        if task not in self.specs:
-            raise KeyError(f"task pool '{self.name}' has no task '{task}'; tasks: {self.tasks}")
-        return self.specs[task]
 
-    def _split(self, task: str, split: str):
-        """The HF dataset of one split, opened on first use (train and a missing val carved together)."""
-        return opened_split(self._opened, task, split, self._spec, self.cache_dir, validate_instructions)
 
 
 def instruction_taskpool(tasks: Sequence[str], tokenizer: str, max_length: int = 512,

@@ -228,10 +228,14 @@ def validate_text(data, spec: TextTaskSpec) -> None:
                                f"ClassLabel; give the class names as `overrides.{spec.task}.classnames`")
 
 
-class TextTaskPool:
-    """The task-pool contract (:class:`fusion.data.contract.TaskPool`) over tokenised HF text datasets."""
+class TokenizedTaskPool:
+    """What the text and instruction task pools share: their specs by task, the base's tokenizer (loaded on first
+    use), each HF split opened once (:func:`fusion.data.hf_tasks.opened_split`, checked by the subclass's
+    ``validate(data, spec)``) and the folder of tokenised splits."""
 
-    def __init__(self, specs: Mapping[str, TextTaskSpec], tokenizer: str, max_length: int = 128, name: str = "text",
+    validate: Callable[[Any, Any], None]
+
+    def __init__(self, specs: Mapping[str, Any], tokenizer: str, max_length: int, name: str,
                  cache_dir: str | None = None, token_cache: str | None = None):
         if max_length < 2:
             raise ConfigError(f"taskpool.max_length must be ≥ 2 tokens, got {max_length}")
@@ -250,14 +254,45 @@ class TextTaskPool:
             self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
+    def token_dir(self) -> Path:
+        """Where tokenised splits are cached: ``token_cache`` or ``<fusion cache>/tokenized``."""
+        return Path(self.token_cache).expanduser() if self.token_cache else default_cache_dir() / "tokenized"
+
+    def select(self, tasks: Sequence[str] | None):
+        """The same pool restricted to ``tasks`` (sharing the tokenizer and the opened splits)."""
+        if tasks is None:
+            return self
+        pool = type(self)({t: self._spec(t) for t in tasks}, self.tokenizer_name, self.max_length, self.name,
+                          self.cache_dir, self.token_cache)
+        pool._tokenizer, pool._opened = self._tokenizer, {k: d for k, d in self._opened.items() if k[0] in tasks}
+        return pool
+
+    def _spec(self, task: str):
+        if task not in self.specs:
+            raise KeyError(f"task pool '{self.name}' has no task '{task}'; tasks: {self.tasks}")
+        return self.specs[task]
+
+    def _split(self, task: str, split: str):
+        """The HF dataset of one split, opened on first use (train and a missing val carved together)."""
+        return opened_split(self._opened, task, split, self._spec, self.cache_dir, type(self).validate)
+
+
+class TextTaskPool(TokenizedTaskPool):
+    """The task-pool contract (:class:`fusion.data.contract.TaskPool`) over tokenised HF text datasets."""
+
+    validate = staticmethod(validate_text)
+
+    def __init__(self, specs: Mapping[str, TextTaskSpec], tokenizer: str, max_length: int = 128, name: str = "text",
+                 cache_dir: str | None = None, token_cache: str | None = None):
+        super().__init__(specs, tokenizer, max_length, name, cache_dir, token_cache)
+
     def dataset(self, task: str, split: str) -> TextTensorDataset:
         """``split`` of ``task`` tokenised (cached on disk, see the module docstring)."""
         data, name = self._split(task, split), f"{self.name}/{task}/{split}"
         if len(data) == 0:
             raise EmptyDatasetError(f"dataset '{name}' ({self._spec(task).source}) is empty; check "
                                     f"`overrides.{task}.splits`")
-        cache = Path(self.token_cache).expanduser() if self.token_cache else default_cache_dir() / "tokenized"
-        return cached_tokens(data, self._spec(task), self.tokenizer, self.max_length, cache, name)
+        return cached_tokens(data, self._spec(task), self.tokenizer, self.max_length, self.token_dir(), name)
 
     def classnames(self, task: str) -> tuple[str, ...]:
         spec = self._spec(task)
@@ -270,13 +305,6 @@ class TextTaskPool:
         self._spec(task)
         return ("{}",)
 
-    def select(self, tasks: Sequence[str] | None) -> "TextTaskPool":
-        if tasks is None:
-            return self
-        pool = TextTaskPool({t: self._spec(t) for t in tasks}, self.tokenizer_name, self.max_length, self.name,
-                            self.cache_dir, self.token_cache)
-        pool._tokenizer, pool._opened = self._tokenizer, {k: d for k, d in self._opened.items() if k[0] in tasks}
-        return pool
 
     def fingerprint(self) -> str:
         """Hash of every task's test data (fingerprint, columns, class names), the tokenizer and ``max_length``."""
@@ -287,14 +315,7 @@ class TextTaskPool:
                           list(self.classnames(task))] + ([spec.template] if spec.template is not None else []))
         return sha256_json(parts)[:16]
 
-    def _spec(self, task: str) -> TextTaskSpec:
-        if task not in self.specs:
-            raise KeyError(f"task pool '{self.name}' has no task '{task}'; tasks: {self.tasks}")
-        return self.specs[task]
 
-    def _split(self, task: str, split: str):
-        """The HF dataset of one split, opened on first use (train and a missing val carved together)."""
-        return opened_split(self._opened, task, split, self._spec, self.cache_dir, validate_text)
 
 
 def text_taskpool(tasks: Sequence[str], tokenizer: str, max_length: int = 128,

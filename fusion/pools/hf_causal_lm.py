@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError, StateDict
 from fusion.pools.hf_checkpoint import HFCheckpoint, resolve_checkpoint
-from fusion.pools.hf_text import check_body, declared_adapter, linear_from_conv1d, no_dropout
+from fusion.pools.hf_text import check_body, declared_adapter, linear_from_conv1d, no_dropout, task_order
 from fusion.pools.pool import ModelPool, _stat
 from fusion.pools.tied import tied_aliases
 from fusion.report.hf_export import export_whole_model
@@ -190,10 +190,7 @@ def hf_causal_lm_pool(base: str, experts: Mapping[str, str], name: str = "hf_cau
         experts: ``{task: checkpoint directory, peft LoRA adapter directory or Hub id}`` of fine-tunes of ``base``.
         tasks: a subset of ``experts`` (in that order); ``None`` keeps all.
     """
-    order = list(tasks) if tasks is not None else list(experts)
-    unknown = [t for t in order if t not in experts]
-    if unknown:
-        raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
+    order = task_order(experts, tasks)
     base_dir = resolve_checkpoint(base)
     kind = model_type(base_dir)
     adapter = declared_adapter(CAUSAL_ADAPTERS, kind, str(base_dir), "causal-LM", "fusion.pools.hf_causal_lm."

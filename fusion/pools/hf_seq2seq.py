@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from fusion.errors import ConfigError
 from fusion.merge.task_vectors import PoolMismatchError
 from fusion.pools.hf_checkpoint import HFCheckpoint, resolve_checkpoint
-from fusion.pools.hf_text import check_body, declared_adapter
+from fusion.pools.hf_text import check_body, declared_adapter, task_order
 from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert, lora_state
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
@@ -210,10 +210,7 @@ def hf_seq2seq_pool(base: str, experts: Mapping[str, str], label_words: Mapping[
     """
     from transformers import AutoTokenizer
 
-    order = list(tasks) if tasks is not None else list(experts)
-    unknown = [t for t in order if t not in experts]
-    if unknown:
-        raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
+    order = task_order(experts, tasks)
     words = task_label_words(order, label_words)
     base_dir = resolve_checkpoint(base)
     pretrained = load_seq2seq(base_dir)

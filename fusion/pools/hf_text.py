@@ -72,6 +72,15 @@ ADAPTERS: dict[str, TextAdapter] = {
 }
 
 
+def task_order(experts: Mapping[str, str], tasks: Sequence[str] | None) -> list[str]:
+    """The pool's tasks: ``tasks`` (each must have an expert) or every expert, in order."""
+    order = list(tasks) if tasks is not None else list(experts)
+    unknown = [t for t in order if t not in experts]
+    if unknown:
+        raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
+    return order
+
+
 def declared_adapter(table: Mapping[str, Any], model_type: str, source: str, kind: str, fields: str) -> Any:
     """``table[model_type]`` (a module's declared per-``model_type`` facts), else one :class:`ConfigError` naming
     the supported model types and what a new entry declares."""
@@ -251,10 +260,7 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
             whole) or Hub id}`` of sequence-classification fine-tunes of ``base``.
         tasks: a subset of ``experts`` (in that order); ``None`` keeps all.
     """
-    order = list(tasks) if tasks is not None else list(experts)
-    unknown = [t for t in order if t not in experts]
-    if unknown:
-        raise ConfigError(f"modelpool.tasks {unknown} have no entry in modelpool.experts ({sorted(experts)})")
+    order = task_order(experts, tasks)
     base_dir = resolve_checkpoint(base)
     pretrained = load_classifier(base_dir)
     kind = pretrained.config.model_type
