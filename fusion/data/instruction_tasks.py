@@ -33,8 +33,8 @@ from torch import Tensor
 
 from fusion.data.hf_tasks import DatasetSpecError, task_specs
 from fusion.data.taskpool import EmptyDatasetError
-from fusion.data.text_tasks import (TokenizedTaskPool, cached_tensors, fill_template, template_columns,
-                                    template_source, tokenizer_key)
+from fusion.data.text_tasks import (TextTensorDataset, TokenizedTaskPool, cached_tensors, fill_template,
+                                    template_columns, template_source, tokenizer_key)
 from fusion.errors import ConfigError
 from fusion.pools.causal_inputs import next_token_labels, pack_example
 from fusion.utils import sha256_json
@@ -107,24 +107,14 @@ def tokenize_instructions(prompt: Sequence[str], completion: Sequence[str], toke
     return x, next_token_labels(x), len(rows) - len(kept)
 
 
-class InstructionDataset:
+class InstructionDataset(TextTensorDataset):
     """Packed examples ``x: [N, 3, T]`` int64 and next-token labels ``[N, T]``: ``batch(indices) -> (x, y)``."""
 
-    def __init__(self, inputs: Tensor, labels: Tensor, name: str):
+    @staticmethod
+    def check(inputs: Tensor, labels: Tensor, name: str) -> None:
         if inputs.dim() != 3 or inputs.shape[1] != 3 or labels.shape != (inputs.shape[0], inputs.shape[2]):
             raise ValueError(f"{name}: inputs must be [N, 3, T] and labels [N, T], got {tuple(inputs.shape)} and "
                              f"{tuple(labels.shape)}")
-        self.inputs, self.labels, self.name = inputs.long(), labels.long(), name
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        idx = indices.to(self.inputs.device)
-        return self.inputs[idx], self.labels[idx]
-
-    def to(self, device: str | torch.device) -> "InstructionDataset":
-        return InstructionDataset(self.inputs.to(device), self.labels.to(device), self.name)
 
 
 def validate_instructions(data, spec: InstructionTaskSpec) -> None:

@@ -95,10 +95,14 @@ class TextTensorDataset:
     """Tokenised examples ``x: [N, 2 or 3, T]`` int64 and labels ``[N]``: ``batch(indices) -> (x[idx], y[idx])``."""
 
     def __init__(self, inputs: Tensor, labels: Tensor, name: str):
+        self.check(inputs, labels, name)
+        self.inputs, self.labels, self.name = inputs.long(), labels.long(), name
+
+    @staticmethod
+    def check(inputs: Tensor, labels: Tensor, name: str) -> None:
         if inputs.dim() != 3 or inputs.shape[1] not in (2, 3) or len(inputs) != len(labels):
             raise ValueError(f"{name}: inputs must be [N, 2 or 3, T] with N labels, got {tuple(inputs.shape)} and "
                              f"{tuple(labels.shape)}")
-        self.inputs, self.labels, self.name = inputs, labels.long(), name
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -108,7 +112,7 @@ class TextTensorDataset:
         return self.inputs[idx], self.labels[idx]
 
     def to(self, device: str | torch.device) -> "TextTensorDataset":
-        return TextTensorDataset(self.inputs.to(device), self.labels.to(device), self.name)
+        return type(self)(self.inputs.to(device), self.labels.to(device), self.name)
 
 
 def load_tokenizer(name: str):

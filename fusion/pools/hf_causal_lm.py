@@ -12,9 +12,10 @@ LM head included: everything is merged) and maps ``x`` to next-token logits ``[B
 passes them through, every task reading the same vocabulary (``num_classes = V``).
 :func:`fusion.train.objectives.token_rows` then picks the rows that objectives and metrics read.
 
-Tied word embeddings (``tie_word_embeddings=True``: the LM head is the input embedding) stay tied: the encoder's
-state dict holds each tied tensor once (the first name in module order, e.g. ``model.model.embed_tokens.weight``),
-so task vectors, merges and Fisher/RegMean statistics see it once, and loading a state fills both uses.
+Tied word embeddings (``tie_word_embeddings=True``: the LM head is the input embedding) stay tied
+(:mod:`fusion.pools.tied`): θ0, the experts and the task vectors hold each tied tensor once (the first name in
+module order, e.g. ``model.model.embed_tokens.weight``), so merges and Fisher/RegMean statistics see it once, and
+loading a state fills both uses.
 
 What differs between ``model_type``s is declared in :data:`CAUSAL_ADAPTERS`: the transformer-MLP paths routed
 methods use (``ModelPool.mlp_pattern``), the config field bounding positions, the dropout fields set to 0 (merges
@@ -36,8 +37,8 @@ from fusion.merge.task_vectors import PoolMismatchError, StateDict
 from fusion.pools.hf_checkpoint import HFCheckpoint, resolve_checkpoint
 from fusion.pools.hf_text import check_body, declared_adapter, linear_from_conv1d, no_dropout, task_order
 from fusion.pools.pool import ModelPool, _stat
-from fusion.pools.tied import tied_aliases
-from fusion.report.hf_export import export_whole_model
+from fusion.pools.tied import tied_aliases, untied_state
+from fusion.report.hf_export import export_whole_model, load_checkpoint
 from fusion.utils import sha256_json
 
 LAYERS_MLP = r"(^|\.)layers\.\d+\.mlp$"
@@ -64,20 +65,6 @@ CAUSAL_ADAPTERS: dict[str, CausalAdapter] = {
 }
 
 
-def _drop_aliases(module: "CausalLMEncoder", state: dict, prefix: str, local_metadata) -> None:
-    """State-dict post-hook: each tied tensor once (its aliases removed)."""
-    for alias in module.aliases:
-        state.pop(prefix + alias, None)
-
-
-def _aliases_not_missing(module: "CausalLMEncoder", incompatible) -> None:
-    """Load post-hook: an alias absent from a loaded state is not missing (its tensor is loaded under the kept
-    name)."""
-    for key in list(incompatible.missing_keys):
-        if any(key == a or key.endswith(f".{a}") for a in module.aliases):
-            incompatible.missing_keys.remove(key)
-
-
 class CausalLMEncoder(nn.Module):
     """``x: [B, 3, T] -> next-token logits [B, T, V]`` of the transformers causal LM ``model`` (its attribute).
 
@@ -93,9 +80,6 @@ class CausalLMEncoder(nn.Module):
     def __init__(self, model: nn.Module, max_tokens: int | None = None, conv1d: Sequence[str] = ()):
         super().__init__()
         self.model, self.max_tokens, self.conv1d = model, max_tokens, list(conv1d)
-        self.aliases = tied_aliases(self)  # before the hooks below, which hide the aliases from state_dict()
-        self.register_state_dict_post_hook(_drop_aliases)
-        self.register_load_state_dict_post_hook(_aliases_not_missing)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[1] != 3:
@@ -105,14 +89,6 @@ class CausalLMEncoder(nn.Module):
             raise ConfigError(f"inputs of {x.shape[-1]} tokens exceed the {self.max_tokens} positions the model "
                               f"embeds; set taskpool.max_length ≤ {self.max_tokens}")
         return self.model(input_ids=x[:, 0], attention_mask=x[:, 1], use_cache=False).logits
-
-
-def checkpoint_causal_lm(directory: Path) -> nn.Module:
-    """The ``AutoModelForCausalLM`` of ``directory`` as saved (what an exported merge starts from: its config,
-    dropout and ``Conv1D`` layout)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
 
 
 class NextTokenHeads(nn.Module):
@@ -162,7 +138,7 @@ def expert_states(experts: Mapping[str, str], order: Sequence[str], encoder: Cau
     shapes: a vocabulary mismatch names the key, both shapes and the fix), each LoRA adapter applied to it."""
     from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert, lora_state
 
-    reference, base_type = encoder.state_dict(), model_type(base_dir)
+    reference, base_type = untied_state(encoder), model_type(base_dir)
     states, sources = {}, {}
     for task in order:
         directory = resolve_checkpoint(experts[task])
@@ -175,7 +151,7 @@ def expert_states(experts: Mapping[str, str], order: Sequence[str], encoder: Cau
             raise PoolMismatchError(f"expert {directory} is model_type={model_type(directory)!r} but the base "
                                     f"{base_dir} is {base_type!r}; every expert must be fine-tuned from the base model")
         body = CausalLMEncoder(*load_causal_lm(directory, adapter))
-        states[task] = {k: v.detach().clone() for k, v in body.state_dict().items()}
+        states[task] = {k: v.clone() for k, v in untied_state(body).items()}
         check_body(reference, states[task], str(directory), str(base_dir))
     return states, sources
 
@@ -199,10 +175,11 @@ def hf_causal_lm_pool(base: str, experts: Mapping[str, str], name: str = "hf_cau
     encoder = CausalLMEncoder(model, int(model.config.to_dict()[adapter.positions]), conv1d)
     states, sources = expert_states(experts, order, encoder, base_dir, adapter)
     manifest = {"name": name, "kind": "hf_causal_lm", "model_type": kind, "base": str(base_dir), "experts": sources,
-                "tasks": order, "tied": sorted(encoder.aliases)}
+                "tasks": order, "tied": sorted(tied_aliases(encoder))}
     manifest["pool_hash"] = sha256_json(manifest)[:16]
     manifest["files"] = {"base": _stat(str(base_dir)), **{t: _stat(s) for t, s in sources.items()}}  # content_key
     vocab = model.get_output_embeddings().weight.shape[0]
-    exporter = functools.partial(export_whole_model, base=str(base_dir), load=checkpoint_causal_lm)
+    load = functools.partial(load_checkpoint, auto_class="AutoModelForCausalLM")
+    exporter = functools.partial(export_whole_model, base=str(base_dir), load=load)
     return ModelPool(name, encoder, states, NextTokenHeads(order, vocab), manifest, sources, None,
                      mlp_pattern=adapter.mlp_pattern, exporter=exporter)

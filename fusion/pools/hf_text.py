@@ -41,7 +41,7 @@ from fusion.pools.hf_checkpoint import HFCheckpoint, _shape_fix, resolve_checkpo
 from fusion.pools.lora_adapter import ADAPTER_CONFIG, LoRAExpert, lora_state
 from fusion.pools.openclip import freeze
 from fusion.pools.pool import ModelPool, _stat
-from fusion.report.hf_export import export_sequence_classifiers
+from fusion.report.hf_export import export_sequence_classifiers, load_checkpoint
 from fusion.utils import sha256_json
 
 
@@ -197,13 +197,6 @@ def load_classifier(directory: Path, num_labels: int | None = None) -> nn.Module
     return model
 
 
-def checkpoint_classifier(directory: Path) -> nn.Module:
-    """The ``AutoModelForSequenceClassification`` of ``directory`` as saved (what an exported merge starts from)."""
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=torch.float32)
-
-
 def split_model(model: nn.Module, adapter: TextAdapter) -> tuple[SequenceClassifierEncoder, nn.Module]:
     """``(encoder, head)`` of a sequence classifier, Conv1D made linear and dropout off in both."""
     body = no_dropout(linear_from_conv1d(model.base_model))
@@ -287,7 +280,8 @@ def hf_text_pool(base: str, experts: Mapping[str, str], name: str = "hf_text",
                 "base": str(base_dir), "experts": sources, "tasks": order}
     manifest["pool_hash"] = sha256_json(manifest)[:16]
     manifest["files"] = {"base": _stat(str(base_dir)), **{t: _stat(s) for t, s in sources.items()}}  # content_key
-    exporter = functools.partial(export_sequence_classifiers, experts=sources, load=checkpoint_classifier)
+    load = functools.partial(load_checkpoint, auto_class="AutoModelForSequenceClassification")
+    exporter = functools.partial(export_sequence_classifiers, experts=sources, load=load)
     return ModelPool(name, encoder, states, ClassifierHeads(heads, labels, adapter.pooling == "first_token"),
                      manifest, sources, None, mlp_pattern=adapter.mlp, exporter=exporter)
 

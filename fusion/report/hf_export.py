@@ -45,6 +45,15 @@ def export_merge(pool, outcome, directory: Path) -> dict[str, str]:
     return pool.exporter(outcome.encoder.state_dict(), directory)
 
 
+def load_checkpoint(directory: Path, auto_class: str) -> nn.Module:
+    """``transformers.<auto_class>`` from ``directory`` as saved, in float32 (what an exported merge starts from:
+    the checkpoint's own config, dropout, ``Conv1D`` layout and head)."""
+    import torch
+    import transformers
+
+    return getattr(transformers, auto_class).from_pretrained(str(directory), dtype=torch.float32)
+
+
 def save_pretrained_atomic(model: nn.Module, directory: Path, source: Path) -> Path:
     """``model.save_pretrained`` into ``directory`` with ``source``'s tokenizer and other non-weight files that
     ``save_pretrained`` does not write (config and generation config come from the model)."""
