@@ -31,7 +31,7 @@ from fusion.evaluate import normalized_accuracy, summarize
 from fusion.methods.base import MergeOutcome, RunContext
 from fusion.pools.contract import check_model_pool
 from fusion.reference import reference_rows
-from fusion.report.hf_export import export_merge
+from fusion.report.hf_export import export_merge, require_exporter
 from fusion.report.merge_files import write_merge_record
 from fusion.report.tables import print_results
 from fusion.train.checkpoint import PeriodicCheckpoint, resume_checkpoint, with_callbacks
@@ -172,6 +172,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     pool = check_model_pool(instantiate(cfg.modelpool), f"modelpool ({cfg.modelpool.get('_target_')})").to(device)
+    if cfg.get("export_model", False):
+        require_exporter(pool)  # before the method runs, not after
     taskpool = check_task_pool(instantiate(cfg.taskpool), f"taskpool ({cfg.taskpool.get('_target_')})")
     taskpool = taskpool.select(pool.tasks)
     method = instantiate(cfg.method)

@@ -238,6 +238,7 @@ def run_reported(tiny_dirs, tmp_path: Path, method: str, *extra: str):
     ("wemoe", ["method.model.depth=3"], "router depth must be 0"),
     ("adamerging_layer_wise", ["method.tv_dtype=int8"], "method.tv_dtype must be a floating torch dtype name"),
     ("adamerging_layer_wise", ["method.steps=0"], "method.steps must be ≥ 1, got 0"),
+    ("adamerging_layer_wise", ["export_model=true"], "cannot write merged models (only HF checkpoint pools"),
 ])
 def test_a_user_error_is_one_message_and_exit_status_2(tiny_dirs, tmp_path, capsys, monkeypatch, method, extra,
                                                        message):

@@ -29,12 +29,17 @@ from fusion.report.sharded_safetensors import WEIGHT_SUFFIXES
 Exporter = Callable[[Mapping[str, Tensor], Path], dict[str, str]]
 
 
+def require_exporter(pool) -> None:
+    """A :class:`ConfigError` when ``pool`` cannot write merged models (checked before a run with
+    ``export_model=true`` starts, and again when it exports)."""
+    if pool.exporter is None:
+        raise ConfigError(f"export_model: modelpool '{pool.name}' cannot write merged models (only HF checkpoint "
+                          "pools: hf_text, hf_t5, hf_causal_lm); set export_model=false")
+
+
 def export_merge(pool, outcome, directory: Path) -> dict[str, str]:
     """Write ``outcome``'s merged encoder with the pool's ``exporter``; returns ``{name: directory written}``."""
-    name = pool.name
-    if pool.exporter is None:
-        raise ConfigError(f"export_model: modelpool '{name}' cannot write merged models (only HF checkpoint pools: "
-                          "modelpool=hf_text and the other HF text pools); set export_model=false")
+    require_exporter(pool)
     if outcome.inference != "single model":
         raise ConfigError("export_model: this method keeps one model per task, rebuilt from compressed experts at "
                           "inference (no single merged model); results.json has the accuracies. Set export_model=false")
